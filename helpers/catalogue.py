@@ -1,0 +1,213 @@
+"""The knob catalogue: the single definition of what autoglm-tune may change, and to which values.
+
+The root helper decides every write with this module alone; the planner imports it so that the
+plan, the policy ranges and the helper can never disagree. Standard library only: the helper
+must stay auditable and must not import the tuner.
+
+Values are typed (int, bool, str); `Knob.parse` turns the kernel's text into that type and
+`Knob.render` turns it back into the text the kernel expects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Value = int | bool | str
+Kind = Literal["int", "bool", "word"]
+Persistence = Literal["runtime", "persistent"]
+
+
+class CatalogueError(ValueError):
+    """A value the catalogue refuses; `field` names what was wrong, `allowed` what would be accepted."""
+
+    def __init__(self, field: str, problem: str, allowed: str) -> None:
+        super().__init__(f"{field}: {problem}; allowed: {allowed}")
+        self.field = field
+        self.problem = problem
+        self.allowed = allowed
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One scalar kernel setting: where it lives and what values it may take."""
+
+    name: str
+    path: str  # relative to the root directory, e.g. "proc/sys/vm/swappiness"
+    kind: Kind
+    minimum: int | None = None
+    maximum: int | None = None
+    persistence: Persistence = "runtime"
+    doc: str = ""
+
+    @property
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "word":
+            return "a name of lowercase letters, digits and dashes"
+        return f"an integer {self.minimum}–{self.maximum}"
+
+    def parse(self, raw: str) -> Value:
+        """Kernel text → typed value. Raises CatalogueError when the text is not of this knob's kind."""
+        text = raw.strip()
+        if self.kind == "bool":
+            if text in ("Y", "1"):
+                return True
+            if text in ("N", "0"):
+                return False
+        elif self.kind == "int":
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif _WORD.fullmatch(text):
+            return text
+        raise CatalogueError(self.name, f"the kernel reports {text!r}", self.allowed)
+
+    def render(self, value: Value) -> str:
+        """Typed value → the text written to the kernel."""
+        if self.kind == "bool":
+            return "Y" if value else "N"
+        return str(value)
+
+    def check(self, value: object) -> Value:
+        """Validate a target value arriving from a policy or a plan; returns it unchanged."""
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise CatalogueError(self.name, f"{value!r} is not a boolean", self.allowed)
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CatalogueError(self.name, f"{value!r} is not an integer", self.allowed)
+            assert self.minimum is not None and self.maximum is not None
+            if not self.minimum <= value <= self.maximum:
+                raise CatalogueError(self.name, f"{value} is out of range", self.allowed)
+            return value
+        if isinstance(value, str) and _WORD.fullmatch(value):
+            return value
+        raise CatalogueError(self.name, f"{value!r} is not a valid name", self.allowed)
+
+
+_WORD = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _sysctl(name: str, minimum: int, maximum: int, doc: str) -> Knob:
+    return Knob(
+        name=f"vm.{name}",
+        path=f"proc/sys/vm/{name}",
+        kind="int",
+        minimum=minimum,
+        maximum=maximum,
+        doc=doc,
+    )
+
+
+def _zswap(name: str, kind: Kind, minimum: int | None = None, maximum: int | None = None, doc: str = "") -> Knob:
+    return Knob(
+        name=f"zswap.{name}",
+        path=f"sys/module/zswap/parameters/{name}",
+        kind=kind,
+        minimum=minimum,
+        maximum=maximum,
+        doc=doc,
+    )
+
+
+# Ranges: Documentation/admin-guide/sysctl/vm.rst; the zswap percents are checked here because the
+# kernel accepts 0 and 101 silently (seen on the CI kernel 6.18).
+SCALAR_KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        _sysctl("swappiness", 0, 200, "relative IO cost of swap vs file paging"),
+        _sysctl("vfs_cache_pressure", 1, 1000, "dentry/inode reclaim vs page cache"),
+        _sysctl("page-cluster", 0, 10, "log2 of pages read ahead on swap-in"),
+        _sysctl("watermark_scale_factor", 1, 3000, "kswapd aggressiveness in 1/10000 of memory"),
+        _sysctl("watermark_boost_factor", 0, 100000, "extra reclaim after fragmentation events"),
+        _sysctl("compaction_proactiveness", 0, 100, "background compaction effort"),
+        _zswap("enabled", "bool", doc="compressed cache in front of swap"),
+        _zswap("compressor", "word", doc="must be listed in /proc/crypto"),
+        _zswap("max_pool_percent", "int", 1, 100, "pool limit, percent of total RAM"),
+        _zswap("accept_threshold_percent", "int", 1, 100, "refill hysteresis, percent of the pool"),
+        _zswap("shrinker_enabled", "bool", doc="write cold entries back to disk under pressure"),
+    )
+}
+
+# Swap areas: priority through swapoff + swapon(SWAP_FLAG_PREFER | prio); kernel range 0..32767.
+SWAP_PRIORITY = Knob(name="swap.priority", path="proc/swaps", kind="int", minimum=0, maximum=32767)
+# A swap file the helper creates: size in MiB, only at SWAP_FILE_NAME inside an allowed directory.
+SWAP_FILE_SIZE = Knob(
+    name="swap.file", path="proc/swaps", kind="int", minimum=64, maximum=262144, persistence="persistent"
+)
+SWAP_FILE_DIRS: tuple[str, ...] = ("/var/lib/autoglm-tune/swap", "/var/swap", "/swap")
+SWAP_FILE_NAME = "autoglm-tune.swap"
+
+COMPRESSION_CRYPTO_TYPES = ("compression", "scomp", "acomp")
+
+
+def check_swap_file_path(path: object) -> str:
+    """A swap file may only be SWAP_FILE_NAME directly inside one of SWAP_FILE_DIRS."""
+    allowed = " or ".join(f"{d}/{SWAP_FILE_NAME}" for d in SWAP_FILE_DIRS)
+    if not isinstance(path, str) or path not in {f"{d}/{SWAP_FILE_NAME}" for d in SWAP_FILE_DIRS}:
+        raise CatalogueError("swap.file path", f"{path!r} is not an allowed swap file", allowed)
+    return path
+
+
+# ---- systemd units -------------------------------------------------------------------------
+
+UNIT_TARGET_STATES = ("disabled", "masked")
+UNIT_SUFFIXES = ("service", "socket", "timer", "path", "mount", "automount", "swap", "target")
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(" + "|".join(UNIT_SUFFIXES) + ")")
+
+# Units that are never stopped, disabled or masked, whatever a policy or a plan says.
+NEVER_TOUCH_UNITS: tuple[str, ...] = (
+    "ssh.*",
+    "sshd.*",
+    "sshd@*",
+    "openssh*",
+    "dbus.*",
+    "dbus-*",
+    "dbus@*",
+    "systemd-*",
+    "networking.service",
+    "network*.service",
+    "NetworkManager*",
+    "wpa_supplicant*",
+    "iwd.service",
+    "display-manager.service",
+    "gdm*.service",
+    "lightdm.service",
+    "sddm.service",
+    "polkit.service",
+    "autoglm-tune*",
+    "getty@*",
+    "serial-getty@*",
+    "*.target",
+)
+
+
+def check_unit_name(name: object) -> str:
+    """A full unit name with a known suffix; templates only with an instance; no paths."""
+    allowed = "a unit name such as cups.service (" + ", ".join(UNIT_SUFFIXES) + "); templates need an instance"
+    if not isinstance(name, str) or "/" in name or not _UNIT_NAME.fullmatch(name) or len(name) > 255:
+        raise CatalogueError("unit", f"{name!r} is not a unit name", allowed)
+    if "@." in name:
+        raise CatalogueError("unit", f"{name!r} is a template without an instance", allowed)
+    return name
+
+
+def is_never_touch(name: str, extra_patterns: tuple[str, ...] = ()) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in (*NEVER_TOUCH_UNITS, *extra_patterns))
+
+
+# ---- the inference process -----------------------------------------------------------------
+
+SCHED_POLICIES = ("other", "batch", "idle")
+IO_CLASSES = ("none", "realtime", "best-effort", "idle")
+NICE_RANGE = (-20, 19)
+IO_PRIORITY_RANGE = (0, 7)
+OOM_SCORE_ADJ_RANGE = (-1000, 1000)
+
+KNOB_NAMES: tuple[str, ...] = (*SCALAR_KNOBS, SWAP_PRIORITY.name, SWAP_FILE_SIZE.name, "unit")

@@ -1,0 +1,131 @@
+"""The `autoglm-tune` command line. An imperative shell: read input, call the pure core, print.
+
+Errors are typed (errors.py) and mapped to exit codes here, once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import EXIT_DIFFERS, BadInput, TuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Plan, apply and roll back system tuning for a local LLM server on a low-spec Linux machine.",
+)
+
+PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
+SysrootOpt = Annotated[Path | None, typer.Option("--sysroot", help="Read facts from a snapshot tree laid out like /.")]
+FactsOpt = Annotated[
+    Path | None, typer.Option("--facts", help="Read facts from the JSON of an earlier 'facts --json'.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _fail(exc: TuneError) -> typer.Exit:
+    typer.echo(f"autoglm-tune: error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _facts(sysroot: Path | None, facts_file: Path | None):
+    from .collect import collect_facts
+    from .facts import facts_from_json
+
+    if sysroot is not None and facts_file is not None:
+        raise BadInput("--sysroot and --facts: give one source of facts, not both")
+    if facts_file is not None:
+        try:
+            text = facts_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"--facts {facts_file}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        return facts_from_json(text, f"--facts {facts_file}")
+    return collect_facts(sysroot or Path("/"))
+
+
+def _plan(policy_file: Path | None, sysroot: Path | None, facts_file: Path | None):
+    from .planner import make_plan
+    from .policy import load_policy
+
+    policy = load_policy(policy_file)
+    return make_plan(_facts(sysroot, facts_file), policy)
+
+
+def _color() -> bool:
+    return sys.stdout.isatty()
+
+
+@app.command()
+def facts(
+    policy: PolicyOpt = None, sysroot: SysrootOpt = None, facts_file: FactsOpt = None, json_out: JsonOpt = False
+) -> None:
+    """What the tool sees on this machine."""
+    from . import render
+
+    try:
+        if policy is not None:
+            from .policy import load_policy
+
+            load_policy(policy)  # validated so a bad --policy is reported here too
+        f = _facts(sysroot, facts_file)
+    except TuneError as exc:
+        raise _fail(exc) from None
+    typer.echo(f.to_json() if json_out else render.facts_text(f), nl=False)
+
+
+@app.command()
+def plan(
+    policy: PolicyOpt = None,
+    sysroot: SysrootOpt = None,
+    facts_file: FactsOpt = None,
+    json_out: JsonOpt = False,
+    toml_out: Annotated[bool, typer.Option("--toml", help="Print TOML.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan to FILE.")] = None,
+) -> None:
+    """The tuning plan, each change with its reason."""
+    from . import render
+
+    try:
+        if json_out and toml_out:
+            raise BadInput("--json and --toml: choose one output format")
+        p = _plan(policy, sysroot, facts_file)
+        if toml_out:
+            text = render.plan_toml(p)
+        elif json_out:
+            text = render.to_json(p.to_dict())
+        else:
+            text = render.plan_text(p, color=output is None and _color())
+        if output is not None:
+            try:
+                output.write_text(text)
+            except OSError as exc:
+                raise BadInput(f"-o {output}: cannot write ({exc.strerror})") from None
+        else:
+            typer.echo(text, nl=False)
+    except TuneError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def diff(
+    policy: PolicyOpt = None, sysroot: SysrootOpt = None, facts_file: FactsOpt = None, json_out: JsonOpt = False
+) -> None:
+    """Current vs planned, per knob. Exit 0 in sync, 1 differs, 2 bad input."""
+    from . import render
+
+    try:
+        p = _plan(policy, sysroot, facts_file)
+    except TuneError as exc:
+        raise _fail(exc) from None
+    typer.echo(render.to_json(render.diff_json(p)) if json_out else render.diff_text(p, color=_color()), nl=False)
+    if not p.in_sync:
+        raise typer.Exit(EXIT_DIFFERS)
+
+
+def main() -> None:
+    app()

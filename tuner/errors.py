@@ -1,0 +1,22 @@
+"""Typed errors, mapped to exit codes in one place (the CLI's main)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DIFFERS = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_AUTHORIZED = 3
+EXIT_FAILED_ROLLED_BACK = 4
+EXIT_HELPER_UNREACHABLE = 5
+
+
+class TuneError(Exception):
+    """Base class: a message for the user and the exit code it maps to."""
+
+    exit_code = 1
+
+
+class BadInput(TuneError):
+    """A policy file, flag, facts file or plan the tool cannot use: exit 2, nothing changed."""
+
+    exit_code = EXIT_BAD_INPUT

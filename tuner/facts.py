@@ -1,0 +1,194 @@
+"""Facts: what the tool knows about one host, as plain data.
+
+Built by `collect.collect_facts` from a live machine or a snapshot tree, or loaded from the JSON of
+`autoglm-tune facts --json` taken on another host. Unknown values are None, with a note saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BadInput
+
+FACTS_VERSION = 1
+
+# Device classes, fastest first. Swap priorities and swap file placement follow this order.
+DEVICE_CLASSES = ("zram", "nvme", "ssd", "mmc", "hdd", "unknown")
+
+
+@dataclass(frozen=True)
+class Cpu:
+    id: int
+    core: str  # the core's sibling list ("0,2"): CPUs with equal `core` share one physical core
+    package: int | None
+    kind: str  # "performance", "efficiency" (hybrid E-core or low capacity) or "standard"
+    capacity: int | None  # /sys/.../cpu_capacity (ARM big.LITTLE; 1024 = biggest)
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    online: list[int]
+    cpus: list[Cpu]
+    hybrid: bool
+    model: str | None
+    numa_nodes: dict[str, list[int]]
+    isolated: list[int]
+
+
+@dataclass(frozen=True)
+class Pressure:
+    avg10: float
+    avg60: float
+    avg300: float
+    total_us: int
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    total_kib: int | None
+    available_kib: int | None
+    zswap_kib: int | None
+    zswapped_kib: int | None
+    psi_some: Pressure | None
+    psi_full: Pressure | None
+
+
+@dataclass(frozen=True)
+class SwapArea:
+    area: str  # the path as /proc/swaps shows it (spaces as \040)
+    type: str  # "partition" or "file"
+    size_kib: int
+    used_kib: int
+    priority: int
+    device: str | None  # the block device behind it, e.g. "nvme0n1"
+    device_class: str  # one of DEVICE_CLASSES
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_point: str
+    fstype: str
+    source: str
+    device: str | None
+    device_class: str
+    free_mib: int | None  # only read on the live root; None in snapshots
+
+
+@dataclass(frozen=True)
+class ZswapFacts:
+    present: bool
+    parameters: list[str]  # the parameters this kernel has (never assume zpool)
+    compressors_available: list[str]
+
+
+@dataclass(frozen=True)
+class CgroupFacts:
+    layout: str  # "v2", "hybrid", "v1" or "unknown"
+    memory_controller: str | None  # "v1", "v2" or None
+
+
+@dataclass(frozen=True)
+class UnitFacts:
+    name: str
+    state: str  # enabled, disabled, static, masked, … as systemctl is-enabled says
+    active: str | None  # active/inactive when read from a running systemd; None from files
+    source: str  # "files" (unit files under the root) or "systemd" (live, over D-Bus)
+
+
+@dataclass(frozen=True)
+class TunerFacts:
+    name: str
+    evidence: str  # the file that shows it is installed
+    enabled: bool | None
+    conflicts_on: list[str]
+
+
+@dataclass(frozen=True)
+class Facts:
+    version: int
+    hostname: str | None
+    kernel: str | None
+    cpu: CpuFacts
+    memory: MemoryFacts
+    swaps: list[SwapArea]
+    mounts: list[Mount]
+    zswap: ZswapFacts
+    knobs: dict[str, str]  # catalogue knob → the exact text read from the kernel
+    thp: dict[str, str]  # "enabled"/"defrag" → the selected mode
+    cgroup: CgroupFacts
+    systemd_running: bool
+    units: list[UnitFacts]
+    tuners: list[TunerFacts]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def _decode(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a typed value from JSON data, refusing anything of the wrong shape."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BadInput(f"{where}: expected an object")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise BadInput(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(sorted(names))}")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name not in value:
+                if f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise BadInput(f"{where}.{f.name}: missing")
+            kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{where}.{f.name}")
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BadInput(f"{where}: expected a list")
+        (inner,) = typing.get_args(tp)
+        return [_decode(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadInput(f"{where}: expected an object")
+        _, inner = typing.get_args(tp)
+        return {str(k): _decode(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise BadInput(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def facts_from_json(text: str, source: str) -> Facts:
+    """Load facts written by `facts --json`; BadInput naming the file and field on any mismatch."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BadInput(
+            f"{source}: not valid JSON ({exc}); expected the output of 'autoglm-tune facts --json'"
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != FACTS_VERSION:
+        got = data.get("version") if isinstance(data, dict) else None
+        raise BadInput(f"{source}: facts version {got!r} is not supported; allowed: {FACTS_VERSION}")
+    try:
+        return _decode(Facts, data, "facts")
+    except BadInput as exc:
+        raise BadInput(f"{source}: {exc}") from None

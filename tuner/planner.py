@@ -1,0 +1,381 @@
+"""The plan: a pure, deterministic function of facts and policy. No I/O here.
+
+Each change names its knob, the value found (the precondition), the target, its persistence and a
+reason a person can check. Changes come in the order they must be applied: backing swap first,
+zswap settings before zswap is switched on, then sysctls, then units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from autoglm_helper import catalogue
+from autoglm_helper.catalogue import CatalogueError, Value
+from autoglm_helper.plan_schema import PLAN_VERSION, Change
+
+from . import rules
+from .collect import mount_for
+from .errors import BadInput
+from .facts import DEVICE_CLASSES, Facts
+from .policy import AUTO, KEEP, Policy
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """How the inference process is to run."""
+
+    cpus: list[int]
+    threads: int
+    sched_policy: str
+    nice: int
+    io_class: str
+    io_priority: int
+    oom_score_adj: int
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cpus": self.cpus,
+            "threads": self.threads,
+            "sched_policy": self.sched_policy,
+            "nice": self.nice,
+            "io_class": self.io_class,
+            "io_priority": self.io_priority,
+            "oom_score_adj": self.oom_score_adj,
+            "reasons": self.reasons,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    host: str | None
+    policy_sources: list[str]
+    changes: list[Change]  # knobs whose live value differs from the target
+    unchanged: list[Change]  # managed knobs already at their target
+    process: ProcessPlan
+    notes: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "version": PLAN_VERSION,
+            "host": self.host,
+            "policy_sources": self.policy_sources,
+            "changes": [c.to_dict() for c in self.changes],
+            "unchanged": [c.to_dict() for c in self.unchanged],
+            "process": self.process.to_dict(),
+            "notes": self.notes,
+            "conflicts": self.conflicts,
+        }
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return {"plan_id": digest[:16], **body}
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.changes
+
+
+KEPT = "the policy says keep"
+
+
+class _Builder:
+    """Collects changes and notes while the plan is made."""
+
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+        self.changes: list[Change] = []
+        self.unchanged: list[Change] = []
+        self.notes: list[str] = []
+
+    def current(self, knob_name: str) -> Value | None:
+        raw = self.facts.knobs.get(knob_name)
+        if raw is None:
+            return None
+        try:
+            return catalogue.SCALAR_KNOBS[knob_name].parse(raw)
+        except CatalogueError as exc:
+            self.notes.append(str(exc))
+            return None
+
+    def add(self, change: Change) -> None:
+        (self.unchanged if change.current == change.target else self.changes).append(change)
+
+    def scalar(self, knob_name: str, target: Value | None, reason: str) -> None:
+        """Plan one catalogue knob, or say why it is left alone (target None)."""
+        if target is None:
+            if reason != KEPT:
+                self.notes.append(f"{knob_name} left as is: {reason}")
+            return
+        if knob_name not in self.facts.knobs:
+            self.notes.append(f"{knob_name} left as is: this kernel does not have it")
+            return
+        knob = catalogue.SCALAR_KNOBS[knob_name]
+        knob.check(target)
+        self.add(
+            Change(
+                knob=knob_name,
+                current=self.current(knob_name),
+                target=target,
+                persistence=knob.persistence,
+                reason=reason,
+            )
+        )
+
+
+def _choose(policy_value: Any, auto: tuple[Any, str], what: str) -> tuple[Any, str]:
+    """The policy's explicit value, or the auto rule's; "keep" leaves the knob alone."""
+    if policy_value == KEEP:
+        return None, KEPT
+    if policy_value == AUTO:
+        return auto
+    return policy_value, f"set by the policy ({what} = {json.dumps(policy_value)})"
+
+
+def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | None, Change | None]:
+    """Plan a swap file when zswap needs backing swap and no disk swap exists: on the fastest device."""
+    swap = policy["swap"]
+    if swap["file"] != AUTO or not wants_zswap:
+        return None, None
+    candidates = []
+    for order, directory in enumerate(swap["file_dirs"]):
+        mount = mount_for(directory, b.facts.mounts)
+        if mount is not None and mount.device_class not in ("zram", "unknown"):
+            candidates.append((DEVICE_CLASSES.index(mount.device_class), order, directory, mount))
+    if not candidates:
+        b.notes.append("no swap file planned: none of [swap] file_dirs lies on a known disk")
+        return None, None
+    _, _, directory, mount = min(candidates)
+    size, basis = _choose(
+        swap["file_size_mib"],
+        rules.swap_file_size_mib(b.facts.memory.total_kib, mount.free_mib),
+        "[swap] file_size_mib",
+    )
+    if size is None:
+        b.notes.append(f"no swap file planned: {basis}")
+        return None, None
+    path = f"{directory}/{catalogue.SWAP_FILE_NAME}"
+    change = Change(
+        knob="swap.file",
+        current=None,
+        target=size,
+        persistence="persistent",
+        reason=f"zswap needs backing swap and there is none; {size} MiB on the {mount.device_class} "
+        f"holding {mount.mount_point}: {basis}",
+        path=path,
+        priority=swap["priorities"][mount.device_class],
+    )
+    return mount.device_class, change
+
+
+def _swap_priorities(b: _Builder, policy: Policy) -> None:
+    if not policy["swap"]["prioritize"]:
+        return
+    priorities = policy["swap"]["priorities"]
+    for area in b.facts.swaps:
+        if area.device_class == "zram":
+            continue
+        target = priorities[area.device_class]
+        b.add(
+            Change(
+                knob="swap.priority",
+                current=area.priority,
+                target=target,
+                persistence="runtime",
+                reason=f"{area.device_class} swap: faster devices are used first "
+                f"({', '.join(f'{k} {v}' for k, v in priorities.items())})",
+                area=area.area,
+            )
+        )
+
+
+def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str) -> bool:
+    """Plan the zswap parameters; returns whether zswap will be on afterwards."""
+    z = policy["zswap"]
+    params = set(b.facts.zswap.parameters)
+    currently_on = b.current("zswap.enabled") is True
+    if not b.facts.zswap.present:
+        b.notes.append("zswap left alone: this kernel has no zswap")
+        return False
+    will_be_on = currently_on if enable is None else enable
+    if will_be_on:
+        preference = rules.AUTO_COMPRESSORS if z["compressor"] == AUTO else z["compressor"]
+        if preference == KEEP:
+            b.scalar("zswap.compressor", None, KEPT)
+        else:
+            b.scalar("zswap.compressor", *rules.compressor(preference, b.facts.zswap.compressors_available))
+        b.scalar(
+            "zswap.max_pool_percent",
+            *_choose(
+                z["max_pool_percent"], rules.max_pool_percent(b.facts.memory.total_kib), "[zswap] max_pool_percent"
+            ),
+        )
+        b.scalar(
+            "zswap.accept_threshold_percent",
+            *_choose(z["accept_threshold_percent"], (None, ""), "[zswap] accept_threshold_percent"),
+        )
+        b.scalar(
+            "zswap.shrinker_enabled",
+            *_choose(
+                z["shrinker_enabled"], rules.shrinker_enabled("shrinker_enabled" in params), "[zswap] shrinker_enabled"
+            ),
+        )
+    b.scalar("zswap.enabled", enable, enable_reason)
+    return will_be_on
+
+
+def _units(b: _Builder, policy: Policy) -> None:
+    services = policy["services"]
+    masked = set(services["mask"])
+    wanted = sorted(set(services["disable"]) | masked)
+    if not b.facts.units:
+        if wanted:
+            b.notes.append("services left alone: no unit files found on this machine")
+        return
+    states = {u.name: u.state for u in b.facts.units}
+    for name in wanted:
+        state = states.get(name)
+        if state is None:
+            continue
+        if catalogue.is_never_touch(name, services["never_touch"]):
+            b.notes.append(f"{name} left alone: it is on the never-touch list")
+            continue
+        target = "masked" if name in masked else "disabled"
+        if target == "disabled" and state in ("static", "indirect", "generated", "transient", "alias"):
+            b.notes.append(f"{name} is {state}: it cannot be disabled; list it under [services] mask to stop it")
+            continue
+        if target == "disabled" and state.startswith("masked"):
+            state = "disabled"  # already stronger than asked for: leave it masked
+        b.add(
+            Change(
+                knob="unit",
+                current=state,
+                target=target,
+                persistence="persistent",
+                reason=f"{name} is redundant on a model server ([services] {'mask' if name in masked else 'disable'})",
+                unit=name,
+            )
+        )
+
+
+def _process(facts: Facts, policy: Policy) -> ProcessPlan:
+    p = policy["process"]
+    online = facts.cpu.online
+    reasons = []
+    if p["cpus"] != AUTO:
+        outside = sorted(set(p["cpus"]) - set(online))
+        if outside:
+            raise BadInput(
+                f"[process] cpus = {list(p['cpus'])}: CPUs {outside} are not online here; allowed: a subset of {online}"
+            )
+        cpus = list(p["cpus"])
+        reasons.append("CPU set from the policy")
+    else:
+        pool = [c for c in facts.cpu.cpus if c.id in online]
+        performance = [c for c in pool if c.kind == "performance"]
+        efficiency = [c for c in pool if c.kind == "efficiency"]
+        if performance and efficiency:
+            pool = performance
+            reasons.append(
+                f"performance cores only: efficiency CPUs {[c.id for c in efficiency]} slow every "
+                "step of a lockstep ggml graph (research §4.1)"
+            )
+        cores: dict[str, int] = {}
+        for c in sorted(pool, key=lambda c: c.id):
+            cores.setdefault(c.core, c.id)
+        firsts = sorted(cores.values())
+        if len(firsts) < len(pool):
+            reasons.append(
+                f"one CPU per physical core ({len(firsts)} of {len(pool)}): SMT siblings share the "
+                "memory bandwidth generation is bound by (research §4.1)"
+            )
+        reserve, basis = _choose(
+            p["reserve_cores"], rules.reserve_cores(len(firsts), len(efficiency)), "[process] reserve_cores"
+        )
+        reserve = min(reserve or 0, len(firsts) - 1)
+        if reserve:
+            reasons.append(f"{reserve} core(s) left to the system, starting with CPU {firsts[0]}: {basis}")
+        cpus = firsts[reserve:]
+    threads, basis = _choose(p["threads"], (len(cpus), "one thread per CPU in the set"), "[process] threads")
+    reasons.append(f"threads {threads}: {basis}")
+    return ProcessPlan(
+        cpus=cpus,
+        threads=threads,
+        sched_policy=p["sched_policy"],
+        nice=p["nice"],
+        io_class=p["io_class"],
+        io_priority=p["io_priority"],
+        oom_score_adj=p["oom_score_adj"],
+        reasons=reasons,
+    )
+
+
+def _conflicts(facts: Facts) -> list[str]:
+    conflicts = []
+    for tuner in facts.tuners:
+        state = {True: "enabled", False: "not enabled", None: "state unknown"}[tuner.enabled]
+        conflicts.append(
+            f"{tuner.name} is installed ({tuner.evidence}, {state}): it also manages {'; '.join(tuner.conflicts_on)}"
+        )
+    if any(a.device_class == "zram" for a in facts.swaps):
+        conflicts.append("zram swap is active: zswap is not planned in front of it; turn zram off to use zswap")
+    return conflicts
+
+
+def make_plan(facts: Facts, policy: Policy) -> Plan:
+    """The plan for `facts` under `policy`. Pure: same input, byte-identical output."""
+    b = _Builder(facts)
+    z, vm = policy["zswap"], policy["vm"]
+    zram_active = any(a.device_class == "zram" for a in facts.swaps)
+    disk_swaps = [a for a in facts.swaps if a.device_class != "zram"]
+
+    # 1. does zswap want to be on, and does it need a swap file to stand on?
+    if z["enabled"] == KEEP:
+        wants_zswap, enable_reason = None, KEPT
+    elif zram_active and z["enabled"] is not False:
+        wants_zswap, enable_reason = rules.zswap_enabled(True, True)
+    elif z["enabled"] == AUTO:
+        wants_zswap, enable_reason = True, ""
+    else:
+        wants_zswap, enable_reason = z["enabled"], f"set by the policy ([zswap] enabled = {json.dumps(z['enabled'])})"
+    file_class, file_change = _swap_file(b, policy, wants_zswap is True and not disk_swaps and not zram_active)
+    classes = [a.device_class for a in disk_swaps] + ([file_class] if file_class else [])
+    backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
+    if z["enabled"] == AUTO and not zram_active:
+        wants_zswap, enable_reason = rules.zswap_enabled(False, backing_class is not None)
+    if file_change is not None:
+        b.add(file_change)
+
+    # 2. swap priorities, zswap, then the sysctls that depend on them
+    _swap_priorities(b, policy)
+    zswap_on = _zswap(b, policy, wants_zswap, enable_reason)
+    situation = rules.SwapSituation(zram_active=zram_active, backing_class=backing_class, zswap_on=zswap_on)
+    b.scalar("vm.swappiness", *_choose(vm["swappiness"], rules.swappiness(situation), "[vm] swappiness"))
+    b.scalar(
+        "vm.vfs_cache_pressure",
+        *_choose(vm["vfs_cache_pressure"], rules.vfs_cache_pressure(), "[vm] vfs_cache_pressure"),
+    )
+    b.scalar("vm.page-cluster", *_choose(vm["page-cluster"], rules.page_cluster(situation), "[vm] page-cluster"))
+    for key in ("watermark_scale_factor", "watermark_boost_factor", "compaction_proactiveness"):
+        if vm[key] != KEEP:
+            b.scalar(f"vm.{key}", vm[key], f"set by the policy ([vm] {key} = {vm[key]})")
+    if facts.cgroup.memory_controller == "v1" and any(c.knob == "vm.swappiness" for c in b.changes):
+        b.notes.append(
+            "cgroup v1 memory controller: each existing memory cgroup keeps its own copy of "
+            "vm.swappiness (memory.swappiness); the new value reaches only cgroups created afterwards"
+        )
+
+    # 3. services
+    _units(b, policy)
+
+    return Plan(
+        host=facts.hostname,
+        policy_sources=list(policy.sources),
+        changes=b.changes,
+        unchanged=b.unchanged,
+        process=_process(facts, policy),
+        notes=b.notes,
+        conflicts=_conflicts(facts),
+    )

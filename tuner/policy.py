@@ -1,0 +1,308 @@
+"""The policy schema (the one definition of every policy key), and loading with its resolution order:
+the embedded default, /etc/autoglm-tune/policy.toml, /etc/autoglm-tune/policy.d/*.toml, then --policy.
+
+Every bad value becomes a BadInput naming the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from autoglm_helper import catalogue
+from autoglm_helper.catalogue import CatalogueError
+
+from .errors import BadInput
+from .facts import DEVICE_CLASSES
+
+AUTO = "auto"
+KEEP = "keep"
+DEFAULT_ETC = "/etc/autoglm-tune"
+
+
+class _Invalid(Exception):
+    def __init__(self, problem: str, allowed: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.allowed = allowed
+
+
+Parser = Callable[[Any], Any]
+
+
+def _knob_value(knob_name: str, words: tuple[str, ...]) -> tuple[Parser, str]:
+    knob = catalogue.SCALAR_KNOBS[knob_name]
+    allowed = f"{knob.allowed}, " + " or ".join(f'"{w}"' for w in words)
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and value in words:
+            return value
+        try:
+            return knob.check(value)
+        except CatalogueError as exc:
+            raise _Invalid(exc.problem, allowed) from None
+
+    return parse, allowed
+
+
+def _choice(*choices: str) -> tuple[Parser, str]:
+    allowed = " or ".join(f'"{c}"' for c in choices)
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise _Invalid(f"{value!r} is not one of them", allowed)
+
+    return parse, allowed
+
+
+def _int_range(lo: int, hi: int, *words: str) -> tuple[Parser, str]:
+    allowed = f"an integer {lo}–{hi}" + "".join(f', "{w}"' for w in words)
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and value in words:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"{value!r} is not an integer", allowed)
+        if not lo <= value <= hi:
+            raise _Invalid(f"{value} is out of range", allowed)
+        return value
+
+    return parse, allowed
+
+
+def _bool_or(*words: str) -> tuple[Parser, str]:
+    allowed = "true, false" + "".join(f', "{w}"' for w in words)
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and value in words):
+            return value
+        raise _Invalid(f"{value!r} is not a boolean", allowed)
+
+    return parse, allowed
+
+
+def _compressors() -> tuple[Parser, str]:
+    allowed = '"auto", "keep", a compressor name or a list of them in order of preference'
+    knob = catalogue.SCALAR_KNOBS["zswap.compressor"]
+
+    def parse(value: Any) -> Any:
+        if value in (AUTO, KEEP):
+            return value
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names:
+            raise _Invalid(f"{value!r} is not a name or a list of names", allowed)
+        try:
+            return tuple(knob.check(n) for n in names)
+        except CatalogueError as exc:
+            raise _Invalid(exc.problem, allowed) from None
+
+    return parse, allowed
+
+
+def _unit_list() -> tuple[Parser, str]:
+    allowed = "a list of unit names such as cups.service"
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, list):
+            raise _Invalid(f"{value!r} is not a list", allowed)
+        try:
+            return tuple(catalogue.check_unit_name(v) for v in value)
+        except CatalogueError as exc:
+            raise _Invalid(exc.problem, exc.allowed) from None
+
+    return parse, allowed
+
+
+def _pattern_list() -> tuple[Parser, str]:
+    allowed = "a list of unit names or shell patterns such as 'ollama*'"
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v and "/" not in v for v in value):
+            raise _Invalid(f"{value!r} is not a list of patterns", allowed)
+        return tuple(value)
+
+    return parse, allowed
+
+
+def _swap_dirs() -> tuple[Parser, str]:
+    allowed = "a non-empty list of: " + ", ".join(catalogue.SWAP_FILE_DIRS)
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, list) or not value or not all(v in catalogue.SWAP_FILE_DIRS for v in value):
+            raise _Invalid(f"{value!r} names a directory the helper will not use", allowed)
+        return tuple(value)
+
+    return parse, allowed
+
+
+def _priorities() -> tuple[Parser, str]:
+    classes = [c for c in DEVICE_CLASSES if c != "zram"]
+    allowed = f"a table of {', '.join(classes)} → 0–32767, faster classes not below slower ones"
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, dict) or set(value) != set(classes):
+            raise _Invalid(f"{value!r} does not name exactly the classes", allowed)
+        for cls in classes:
+            v = value[cls]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32767:
+                raise _Invalid(f"{cls} = {v!r} is not a priority", allowed)
+        ordered = [value[c] for c in classes]
+        if ordered != sorted(ordered, reverse=True):
+            raise _Invalid("a slower device class is ranked above a faster one", allowed)
+        return dict(value)
+
+    return parse, allowed
+
+
+def _cpus() -> tuple[Parser, str]:
+    allowed = '"auto" or a list of CPU numbers'
+
+    def parse(value: Any) -> Any:
+        if value == AUTO:
+            return value
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 8192 for v in value)
+        ):
+            return tuple(sorted(set(value)))
+        raise _Invalid(f"{value!r} is not a CPU list", allowed)
+
+    return parse, allowed
+
+
+# The schema: section → key → (parser, allowed values). Defaults live in policies/default.toml.
+SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
+    "vm": {
+        "swappiness": _knob_value("vm.swappiness", (AUTO, KEEP)),
+        "vfs_cache_pressure": _knob_value("vm.vfs_cache_pressure", (AUTO, KEEP)),
+        "page-cluster": _knob_value("vm.page-cluster", (AUTO, KEEP)),
+        "watermark_scale_factor": _knob_value("vm.watermark_scale_factor", (KEEP,)),
+        "watermark_boost_factor": _knob_value("vm.watermark_boost_factor", (KEEP,)),
+        "compaction_proactiveness": _knob_value("vm.compaction_proactiveness", (KEEP,)),
+    },
+    "zswap": {
+        "enabled": _bool_or(AUTO, KEEP),
+        "compressor": _compressors(),
+        "max_pool_percent": _knob_value("zswap.max_pool_percent", (AUTO, KEEP)),
+        "accept_threshold_percent": _knob_value("zswap.accept_threshold_percent", (KEEP,)),
+        "shrinker_enabled": _bool_or(AUTO, KEEP),
+    },
+    "swap": {
+        "prioritize": _bool_or(),
+        "priorities": _priorities(),
+        "file": _choice(AUTO, "off"),
+        "file_dirs": _swap_dirs(),
+        "file_size_mib": _int_range(catalogue.SWAP_FILE_SIZE.minimum or 0, catalogue.SWAP_FILE_SIZE.maximum or 0, AUTO),
+    },
+    "services": {
+        "disable": _unit_list(),
+        "mask": _unit_list(),
+        "never_touch": _pattern_list(),
+    },
+    "process": {
+        "cpus": _cpus(),
+        "reserve_cores": _int_range(0, 64, AUTO),
+        "threads": _int_range(1, 1024, AUTO),
+        "sched_policy": _choice(*catalogue.SCHED_POLICIES),
+        "nice": _int_range(*catalogue.NICE_RANGE),
+        "io_class": _choice(*catalogue.IO_CLASSES),
+        "io_priority": _int_range(*catalogue.IO_PRIORITY_RANGE),
+        "oom_score_adj": _int_range(*catalogue.OOM_SCORE_ADJ_RANGE),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Validated policy values, section → key → value, plus the files they came from, in order."""
+
+    values: dict[str, dict[str, Any]]
+    sources: tuple[str, ...]
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f'did you mean "{close[0]}"? ' if close else ""
+
+
+def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Check one parsed TOML document against SCHEMA; return its validated values."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, table in doc.items():
+        if section not in SCHEMA:
+            raise BadInput(
+                f"{source}: unknown section [{section}]; {_suggest(section, list(SCHEMA))}"
+                f"allowed: {', '.join(f'[{s}]' for s in SCHEMA)}"
+            )
+        if not isinstance(table, dict):
+            raise BadInput(f"{source}: {section} must be a table; write [{section}] and keys below it")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                raise BadInput(
+                    f"{source}: unknown key [{section}] {key}; {_suggest(key, list(SCHEMA[section]))}"
+                    f"allowed: {', '.join(SCHEMA[section])}"
+                )
+            parse, _ = SCHEMA[section][key]
+            try:
+                out.setdefault(section, {})[key] = parse(value)
+            except _Invalid as exc:
+                raise BadInput(
+                    f"{source}: [{section}] {key} = {value!r}: {exc.problem}; allowed: {exc.allowed}"
+                ) from None
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such policy file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: is a directory, not a policy file") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read policy file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not valid TOML (not UTF-8 text)") from None
+
+
+def default_policy_text() -> str:
+    return resources.files("autoglm_tune.policies").joinpath("default.toml").read_text()
+
+
+def policy_files(explicit: Path | None, etc_dir: Path | None = None) -> list[Path]:
+    """The system policy files that exist, in resolution order, then the explicit one."""
+    etc = etc_dir or Path(os.environ.get("AUTOGLM_TUNE_ETC", DEFAULT_ETC))
+    files = [etc / "policy.toml"] if (etc / "policy.toml").is_file() else []
+    drop_ins = etc / "policy.d"
+    if drop_ins.is_dir():
+        files += sorted(p for p in drop_ins.glob("*.toml") if p.is_file())
+    if explicit is not None:
+        files.append(explicit)
+    return files
+
+
+def load_policy(explicit: Path | None = None, etc_dir: Path | None = None) -> Policy:
+    """Merge the default, the system files and `explicit`, key by key, later files winning."""
+    merged = validate_document(tomllib.loads(default_policy_text()), "built-in default policy")
+    missing = [f"[{s}] {k}" for s, keys in SCHEMA.items() for k in keys if k not in merged.get(s, {})]
+    assert not missing, f"policies/default.toml lacks {missing}"
+    sources = ["built-in default"]
+    for path in policy_files(explicit, etc_dir):
+        for section, values in validate_document(_read_toml(path), str(path)).items():
+            merged[section].update(values)
+        sources.append(str(path))
+    return Policy(values=merged, sources=tuple(sources))

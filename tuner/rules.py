@@ -1,0 +1,101 @@
+"""The planner's "auto" rules, each with the basis it rests on. One place, so the benchmark can
+change them: every function is pure and returns (value, basis); value None means "leave it".
+
+Sources: Documentation/admin-guide/sysctl/vm.rst, Documentation/admin-guide/mm/zswap.rst and the
+measurements in shared/research/kernel-and-platform.md (§2.1 suggested values, §4.1 threads, §9
+memory knobs vs inference under a memory cap on the 2-vCPU CI machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB_KIB = 1024 * 1024
+
+# Order of preference when the policy says compressor = "auto": lz4 decompresses fastest (the
+# inference box is CPU-bound on few cores), zstd compresses best, lzo-rle/lzo exist everywhere.
+AUTO_COMPRESSORS = ("lz4", "zstd", "lzo-rle", "lzo")
+
+
+@dataclass(frozen=True)
+class SwapSituation:
+    """What the swap rules need to know, derived from facts and the swap plan."""
+
+    zram_active: bool
+    backing_class: str | None  # fastest non-zram swap device class, existing or planned; None if none
+    zswap_on: bool  # zswap will be enabled after the plan
+
+
+def zswap_enabled(zram_active: bool, has_backing: bool) -> tuple[bool | None, str]:
+    if zram_active:
+        return None, "an active zram swap is present; zswap in front of zram compresses twice (conflict)"
+    if not has_backing:
+        return None, "no disk swap to back zswap; zswap stores nothing without a swap area"
+    return True, "compressed cache in front of disk swap: measured 0 of 10 OOM kills with swappiness 133 (research §9)"
+
+
+def compressor(preference: tuple[str, ...], available: list[str]) -> tuple[str | None, str]:
+    for name in preference:
+        if name in available:
+            return name, f"first of the policy's list ({', '.join(preference)}) that this kernel has"
+    return None, f"none of {', '.join(preference)} is in /proc/crypto (kernel has {', '.join(available) or 'none'})"
+
+
+def max_pool_percent(total_kib: int | None) -> tuple[int, str]:
+    if total_kib is not None and total_kib <= 8 * GIB_KIB:
+        return 25, "RAM ≤ 8 GiB: a larger share pays off on small boxes (research §2.1; Talos example 25)"
+    return 20, "kernel default 20 % of RAM (research §2.1)"
+
+
+def shrinker_enabled(parameter_present: bool) -> tuple[bool | None, str]:
+    if not parameter_present:
+        return None, "this kernel has no zswap shrinker (added in 6.8)"
+    return True, "lets cold compressed pages move on to disk swap under pressure (research §2.1)"
+
+
+def swappiness(s: SwapSituation) -> tuple[int | None, str]:
+    if s.zswap_on or s.zram_active:
+        return 133, (
+            "compressed swap is about twice as fast as file IO: x + 2x = 200 → 133 (vm.rst); "
+            "20 with zswap OOM-killed the desktop in 8 of 8 runs (research §9)"
+        )
+    if s.backing_class in ("nvme", "ssd"):
+        return 100, "swap on SSD/NVMe costs about what file IO costs: equal weight 100 (vm.rst)"
+    return None, "no cheap swap target: swappiness changes nothing useful here (research §9)"
+
+
+def vfs_cache_pressure() -> tuple[int, str]:
+    return 100, "kernel neutral value: dentries and inodes reclaimed at the same rate as page cache (vm.rst)"
+
+
+def page_cluster(s: SwapSituation) -> tuple[int | None, str]:
+    if not (s.zswap_on or s.zram_active):
+        return None, "readahead of swap is only costly for compressed swap; kernel default kept"
+    if s.backing_class == "hdd":
+        return 1, "compressed swap backed by an HDD: small readahead still helps the disk (research §2.1)"
+    return 0, "each read-ahead page of compressed swap costs a decompression (research §2.1, Arch/Pop guidance)"
+
+
+def swap_file_size_mib(total_kib: int | None, free_mib: int | None) -> tuple[int | None, str]:
+    if total_kib is None:
+        return None, "RAM size unknown"
+    ram_mib = total_kib // 1024
+    size = max(1024, min(16384, ram_mib)) // 256 * 256
+    basis = "as large as RAM (1–16 GiB): every zswap page keeps a slot on the backing swap (zswap.rst)"
+    if free_mib is not None and size > free_mib // 2:
+        size = free_mib // 2 // 256 * 256
+        basis += f"; cut to half the {free_mib} MiB free"
+    if size < 256:
+        return None, "not enough free space for a useful swap file"
+    return size, basis
+
+
+def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
+    if efficiency_cpus:
+        return 0, "the efficiency cores are left to the system"
+    if physical_cores >= 3:
+        return 1, (
+            "one core left to the system: under contention threads = free cores, pinned, ran 1.7× "
+            "faster than threads = all cores (research §4.1, §9)"
+        )
+    return 0, "2 cores or fewer: reserving one halves uncontended speed (11.8 → 6.3 tok/s, research §4.1)"
