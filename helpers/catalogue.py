@@ -11,6 +11,7 @@ Values are typed (int, bool, str); `Knob.parse` turns the kernel's text into tha
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,14 @@ from typing import Literal
 Value = int | bool | str
 Kind = Literal["int", "bool", "word"]
 Persistence = Literal["runtime", "persistent"]
+
+
+def _show(value: object) -> str:
+    """A value as JSON/TOML write it (true, "x", 3), for error messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 class CatalogueError(ValueError):
@@ -78,17 +87,17 @@ class Knob:
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
-            raise CatalogueError(self.name, f"{value!r} is not a boolean", self.allowed)
+            raise CatalogueError(self.name, f"{_show(value)} is not a boolean", self.allowed)
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
-                raise CatalogueError(self.name, f"{value!r} is not an integer", self.allowed)
+                raise CatalogueError(self.name, f"{_show(value)} is not an integer", self.allowed)
             assert self.minimum is not None and self.maximum is not None
             if not self.minimum <= value <= self.maximum:
                 raise CatalogueError(self.name, f"{value} is out of range", self.allowed)
             return value
         if isinstance(value, str) and _WORD.fullmatch(value):
             return value
-        raise CatalogueError(self.name, f"{value!r} is not a valid name", self.allowed)
+        raise CatalogueError(self.name, f"{_show(value)} is not a valid name", self.allowed)
 
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -151,7 +160,7 @@ def check_swap_file_path(path: object) -> str:
     """A swap file may only be SWAP_FILE_NAME directly inside one of SWAP_FILE_DIRS."""
     allowed = " or ".join(f"{d}/{SWAP_FILE_NAME}" for d in SWAP_FILE_DIRS)
     if not isinstance(path, str) or path not in {f"{d}/{SWAP_FILE_NAME}" for d in SWAP_FILE_DIRS}:
-        raise CatalogueError("swap.file path", f"{path!r} is not an allowed swap file", allowed)
+        raise CatalogueError("swap.file path", f"{_show(path)} is not an allowed swap file", allowed)
     return path
 
 
@@ -192,9 +201,9 @@ def check_unit_name(name: object) -> str:
     """A full unit name with a known suffix; templates only with an instance; no paths."""
     allowed = "a unit name such as cups.service (" + ", ".join(UNIT_SUFFIXES) + "); templates need an instance"
     if not isinstance(name, str) or "/" in name or not _UNIT_NAME.fullmatch(name) or len(name) > 255:
-        raise CatalogueError("unit", f"{name!r} is not a unit name", allowed)
+        raise CatalogueError("unit", f"{_show(name)} is not a unit name", allowed)
     if "@." in name:
-        raise CatalogueError("unit", f"{name!r} is a template without an instance", allowed)
+        raise CatalogueError("unit", f"{_show(name)} is a template without an instance", allowed)
     return name
 
 

@@ -5,9 +5,13 @@ Errors are typed (errors.py) and mapped to exit codes here, once.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
+
+# Plain one-line usage errors instead of rich panels (and a faster start); set before typer loads.
+os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer
 

@@ -7,6 +7,7 @@ Every bad value becomes a BadInput naming the file, the key and the allowed valu
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import tomllib
 from collections.abc import Callable
@@ -57,7 +58,7 @@ def _choice(*choices: str) -> tuple[Parser, str]:
     def parse(value: Any) -> Any:
         if isinstance(value, str) and value in choices:
             return value
-        raise _Invalid(f"{value!r} is not one of them", allowed)
+        raise _Invalid(f"{show(value)} is not one of them", allowed)
 
     return parse, allowed
 
@@ -69,7 +70,7 @@ def _int_range(lo: int, hi: int, *words: str) -> tuple[Parser, str]:
         if isinstance(value, str) and value in words:
             return value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"{value!r} is not an integer", allowed)
+            raise _Invalid(f"{show(value)} is not an integer", allowed)
         if not lo <= value <= hi:
             raise _Invalid(f"{value} is out of range", allowed)
         return value
@@ -83,7 +84,7 @@ def _bool_or(*words: str) -> tuple[Parser, str]:
     def parse(value: Any) -> Any:
         if isinstance(value, bool) or (isinstance(value, str) and value in words):
             return value
-        raise _Invalid(f"{value!r} is not a boolean", allowed)
+        raise _Invalid(f"{show(value)} is not a boolean", allowed)
 
     return parse, allowed
 
@@ -97,7 +98,7 @@ def _compressors() -> tuple[Parser, str]:
             return value
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, list) or not names:
-            raise _Invalid(f"{value!r} is not a name or a list of names", allowed)
+            raise _Invalid(f"{show(value)} is not a name or a list of names", allowed)
         try:
             return tuple(knob.check(n) for n in names)
         except CatalogueError as exc:
@@ -111,7 +112,7 @@ def _unit_list() -> tuple[Parser, str]:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, list):
-            raise _Invalid(f"{value!r} is not a list", allowed)
+            raise _Invalid(f"{show(value)} is not a list", allowed)
         try:
             return tuple(catalogue.check_unit_name(v) for v in value)
         except CatalogueError as exc:
@@ -125,7 +126,7 @@ def _pattern_list() -> tuple[Parser, str]:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) and v and "/" not in v for v in value):
-            raise _Invalid(f"{value!r} is not a list of patterns", allowed)
+            raise _Invalid(f"{show(value)} is not a list of patterns", allowed)
         return tuple(value)
 
     return parse, allowed
@@ -136,7 +137,7 @@ def _swap_dirs() -> tuple[Parser, str]:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, list) or not value or not all(v in catalogue.SWAP_FILE_DIRS for v in value):
-            raise _Invalid(f"{value!r} names a directory the helper will not use", allowed)
+            raise _Invalid(f"{show(value)} names a directory the helper will not use", allowed)
         return tuple(value)
 
     return parse, allowed
@@ -148,11 +149,11 @@ def _priorities() -> tuple[Parser, str]:
 
     def parse(value: Any) -> Any:
         if not isinstance(value, dict) or set(value) != set(classes):
-            raise _Invalid(f"{value!r} does not name exactly the classes", allowed)
+            raise _Invalid(f"{show(value)} does not name exactly the classes", allowed)
         for cls in classes:
             v = value[cls]
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 32767:
-                raise _Invalid(f"{cls} = {v!r} is not a priority", allowed)
+                raise _Invalid(f"{cls} = {show(v)} is not a priority", allowed)
         ordered = [value[c] for c in classes]
         if ordered != sorted(ordered, reverse=True):
             raise _Invalid("a slower device class is ranked above a faster one", allowed)
@@ -173,7 +174,7 @@ def _cpus() -> tuple[Parser, str]:
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 8192 for v in value)
         ):
             return tuple(sorted(set(value)))
-        raise _Invalid(f"{value!r} is not a CPU list", allowed)
+        raise _Invalid(f"{show(value)} is not a CPU list", allowed)
 
     return parse, allowed
 
@@ -231,6 +232,17 @@ class Policy:
         return self.values[section]
 
 
+def show(value: Any) -> str:
+    """A value as it is written in TOML, for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return str(value)
+
+
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f'did you mean "{close[0]}"? ' if close else ""
@@ -240,13 +252,18 @@ def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, A
     """Check one parsed TOML document against SCHEMA; return its validated values."""
     out: dict[str, dict[str, Any]] = {}
     for section, table in doc.items():
+        if not isinstance(table, dict):
+            home = [s for s, keys in SCHEMA.items() if section in keys]
+            hint = f"did you mean [{home[0]}] {section}? " if home else ""
+            raise BadInput(
+                f"{source}: top-level key {section} = {show(table)}: keys belong in a section; {hint}"
+                f"allowed sections: {', '.join(f'[{s}]' for s in SCHEMA)}"
+            )
         if section not in SCHEMA:
             raise BadInput(
                 f"{source}: unknown section [{section}]; {_suggest(section, list(SCHEMA))}"
                 f"allowed: {', '.join(f'[{s}]' for s in SCHEMA)}"
             )
-        if not isinstance(table, dict):
-            raise BadInput(f"{source}: {section} must be a table; write [{section}] and keys below it")
         for key, value in table.items():
             if key not in SCHEMA[section]:
                 raise BadInput(
@@ -258,7 +275,7 @@ def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, A
                 out.setdefault(section, {})[key] = parse(value)
             except _Invalid as exc:
                 raise BadInput(
-                    f"{source}: [{section}] {key} = {value!r}: {exc.problem}; allowed: {exc.allowed}"
+                    f"{source}: [{section}] {key} = {show(value)}: {exc.problem}; allowed: {exc.allowed}"
                 ) from None
     return out
 
