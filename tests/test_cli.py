@@ -1,0 +1,166 @@
+"""The installed `autoglm-tune` command end to end: outputs, formats and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from autoglm_helper.plan_schema import changes_from_plan
+from support import CLI
+from support import run_cli as run
+
+
+@pytest.fixture(autouse=True)
+def isolated_etc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No system policy: the tests see the built-in default plus what they pass."""
+    etc = tmp_path / "etc-autoglm"
+    etc.mkdir()
+    monkeypatch.setenv("AUTOGLM_TUNE_ETC", str(etc))
+    return etc
+
+
+def policy(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoglm-tune: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_plan_json_contract_on_this_machine() -> None:
+    proc = run("plan", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert changes_from_plan(plan) is not None  # the helper would accept it as it is
+    for change in plan["changes"]:
+        assert {"knob", "current", "target", "persistence", "reason"} <= set(change)
+        assert change["persistence"] in ("runtime", "persistent")
+        assert change["reason"]
+        if change["knob"] == "swap.priority":
+            assert change["area"].startswith("/")
+    cpus = plan["process"]["cpus"]
+    assert cpus == sorted(cpus) and set(cpus) <= os.sched_getaffinity(0) | set(range(os.cpu_count() or 1))
+    assert isinstance(plan["process"]["threads"], int) and plan["process"]["threads"] >= 1
+
+
+def test_plan_toml_and_output_file_say_the_same_as_json(tmp_path: Path) -> None:
+    as_json = json.loads(run("plan", "--json").stdout)
+    out = tmp_path / "plan.toml"
+    proc = run("plan", "--toml", "-o", str(out))
+    assert proc.returncode == 0 and proc.stdout == ""
+    as_toml = tomllib.loads(out.read_text())
+    assert as_toml["plan_id"] == as_json["plan_id"]
+    assert [c["knob"] for c in as_toml["changes"]] == [c["knob"] for c in as_json["changes"]]
+    assert as_toml["process"] == as_json["process"]
+
+
+def test_facts_file_plans_like_the_live_machine(tmp_path: Path) -> None:
+    facts = run("facts", "--json")
+    assert facts.returncode == 0
+    path = tmp_path / "facts.json"
+    path.write_text(facts.stdout)
+    live = json.loads(run("plan", "--json").stdout)
+    offline = json.loads(run("plan", "--json", "--facts", str(path)).stdout)
+    assert offline == live
+
+
+def test_diff_exit_status_follows_the_plan(tmp_path: Path) -> None:
+    proc = run("diff", "--json")
+    body = json.loads(proc.stdout)
+    assert proc.returncode == (0 if body["in_sync"] else 1)
+    assert body["in_sync"] == (body["changes"] == [])
+    # A policy that keeps everything leaves nothing to do: in sync, exit 0.
+    keep_all = policy(
+        tmp_path,
+        '[vm]\nswappiness = "keep"\nvfs_cache_pressure = "keep"\npage-cluster = "keep"\n'
+        '[zswap]\nenabled = "keep"\n[swap]\nprioritize = false\nfile = "off"\n'
+        "[services]\ndisable = []\n",
+    )
+    proc = run("diff", "--policy", keep_all)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.startswith("in sync")
+
+
+def test_diff_text_is_plain_when_piped_and_coloured_on_a_terminal(tmp_path: Path) -> None:
+    piped = run("diff", "--policy", policy(tmp_path, "[vm]\nswappiness = 1\n"))
+    assert piped.returncode == 1
+    assert "vm.swappiness" in piped.stdout and "\x1b[" not in piped.stdout
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a terminal
+        os.execv(CLI, [CLI, "diff", "--policy", str(tmp_path / "policy.toml")])
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 30)
+        if not ready:
+            break
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode()
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert "vm.swappiness" in screen and "\x1b[" in screen
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["plan", "--sysroot", "/nonexistent-root"], ["--sysroot /nonexistent-root", "not a directory"]),
+        (["plan", "--sysroot", "/etc/hostname"], ["--sysroot /etc/hostname"]),
+        (["plan", "--facts", "/nonexistent.json"], ["--facts /nonexistent.json", "cannot read"]),
+        (["plan", "--facts", "/etc/hostname"], ["not valid JSON"]),
+        (["plan", "--json", "--toml"], ["--json and --toml"]),
+        (["plan", "--sysroot", "/", "--facts", "/etc/hostname"], ["give one source of facts"]),
+        (["diff", "--policy", "/nonexistent.toml"], ["/nonexistent.toml: no such policy file"]),
+        (["facts", "--policy", "/nonexistent.toml"], ["no such policy file"]),
+        (["plan", "-o", "/nonexistent-dir/plan.json"], ["-o /nonexistent-dir/plan.json", "cannot write"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], needles: list[str]) -> None:
+    assert_one_line_error(run(*args), *needles)
+
+
+def test_bad_facts_files(tmp_path: Path) -> None:
+    good = json.loads(run("facts", "--json").stdout)
+    cases = {
+        "version": ({**good, "version": 99}, "facts version 99 is not supported; allowed: 1"),
+        "type": ({**good, "memory": {**good["memory"], "total_kib": "lots"}}, "facts.memory.total_kib: expected int"),
+        "unknown": ({**good, "colour": "blue"}, "facts.colour: unknown field"),
+        "missing": ({k: v for k, v in good.items() if k != "cpu"}, "facts.cpu: missing"),
+    }
+    for name, (data, needle) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        assert_one_line_error(run("plan", "--facts", str(path)), f"--facts {path}", needle)
+
+
+def test_bad_policy_through_the_cli_changes_nothing_and_names_the_key(tmp_path: Path) -> None:
+    before = run("facts", "--json").stdout
+    proc = run("diff", "--policy", policy(tmp_path, "[vm]\nswappiness = 500\n"))
+    assert_one_line_error(proc, "[vm] swappiness = 500", "allowed: an integer 0–200")
+    assert json.loads(run("facts", "--json").stdout)["knobs"] == json.loads(before)["knobs"]
+
+
+def test_unknown_flag_is_a_usage_error_without_traceback() -> None:
+    proc = run("plan", "--bogus")
+    assert proc.returncode == 2
+    assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr

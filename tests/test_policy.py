@@ -1,0 +1,133 @@
+"""Policy schema, resolution order and bad input: every mistake is one line naming file, key and allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from autoglm_tune.errors import BadInput
+from autoglm_tune.policy import SCHEMA, load_policy
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    """An empty system policy directory, so the machine's /etc/autoglm-tune never leaks in."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    return d
+
+
+def test_default_policy_sets_every_key(etc: Path) -> None:
+    policy = load_policy(None, etc)
+    assert policy.sources == ("built-in default",)
+    for section, keys in SCHEMA.items():
+        assert set(policy[section]) == set(keys), section
+
+
+@pytest.mark.parametrize("name", ["laptop-4g", "desktop", "server"])
+def test_example_profiles_are_valid_and_change_something(etc: Path, name: str) -> None:
+    default = load_policy(None, etc)
+    profile = load_policy(POLICIES / f"{name}.toml", etc)
+    assert profile.sources[-1].endswith(f"{name}.toml")
+    assert profile.values != default.values
+
+
+def test_resolution_order_later_files_win_key_by_key(etc: Path, tmp_path: Path) -> None:
+    write(etc, "policy.toml", "[vm]\nswappiness = 100\nvfs_cache_pressure = 80\n")
+    write(etc, "policy.d/20-second.toml", "[vm]\nvfs_cache_pressure = 70\n")
+    write(etc, "policy.d/10-first.toml", "[vm]\nvfs_cache_pressure = 60\npage-cluster = 1\n")
+    write(etc, "policy.d/ignored.conf", "[vm]\nswappiness = 1\n")
+    explicit = write(tmp_path, "mine.toml", "[vm]\nswappiness = 120\n")
+    policy = load_policy(explicit, etc)
+    assert policy["vm"]["swappiness"] == 120  # --policy last
+    assert policy["vm"]["vfs_cache_pressure"] == 70  # drop-ins in name order, after policy.toml
+    assert policy["vm"]["page-cluster"] == 1
+    assert policy["zswap"]["enabled"] == "auto"  # untouched keys keep the default
+    assert policy.sources == (
+        "built-in default",
+        str(etc / "policy.toml"),
+        str(etc / "policy.d/10-first.toml"),
+        str(etc / "policy.d/20-second.toml"),
+        str(explicit),
+    )
+
+
+def test_environment_names_the_system_directory(monkeypatch: pytest.MonkeyPatch, etc: Path) -> None:
+    write(etc, "policy.toml", "[zswap]\nenabled = false\n")
+    monkeypatch.setenv("AUTOGLM_TUNE_ETC", str(etc))
+    assert load_policy()["zswap"]["enabled"] is False
+
+
+def test_compressor_accepts_a_name_or_a_list(etc: Path, tmp_path: Path) -> None:
+    assert load_policy(write(tmp_path, "a.toml", '[zswap]\ncompressor = "zstd"\n'), etc)["zswap"]["compressor"] == (
+        "zstd",
+    )
+    p = write(tmp_path, "b.toml", '[zswap]\ncompressor = ["zstd", "lz4"]\n')
+    assert load_policy(p, etc)["zswap"]["compressor"] == ("zstd", "lz4")
+
+
+BAD = [
+    ("[vm]\nswappiness = 500\n", "[vm] swappiness = 500", "an integer 0–200"),
+    ("[zswap]\nmax_pool_percent = 536870912\n", "[zswap] max_pool_percent = 536870912", "an integer 1–100"),
+    ("[zswap]\nmax_pool_percent = 0\n", "max_pool_percent = 0", "an integer 1–100"),
+    ("[vm]\nswappiness = true\n", "swappiness = true", "an integer 0–200"),
+    ('[vm]\nswappiness = "high"\n', 'swappiness = "high"', '"auto" or "keep"'),
+    ("[vm]\nswapiness = 10\n", 'did you mean "swappiness"', "allowed: swappiness"),
+    ("[zwsap]\nenabled = true\n", 'did you mean "zswap"', "[zswap]"),
+    ("swappiness = 10\n", "did you mean [vm] swappiness", "allowed sections"),
+    ('[zswap]\nenabled = "yes"\n', 'enabled = "yes"', 'true, false, "auto", "keep"'),
+    ('[zswap]\ncompressor = ["lz4", 7]\n', "compressor", "a compressor name or a list"),
+    ('[zswap]\ncompressor = "LZ4!"\n', "compressor", "a compressor name"),
+    ('[swap]\nfile_dirs = ["/tmp"]\n', "file_dirs", "/var/lib/autoglm-tune/swap"),
+    ("[swap]\npriorities = { nvme = 1, ssd = 80, mmc = 40, hdd = 10, unknown = 5 }\n", "priorities", "faster"),
+    ("[swap]\npriorities = { nvme = 100 }\n", "priorities", "a table of nvme"),
+    ('[services]\ndisable = ["/etc/systemd/system/cups.service"]\n', "disable", "a unit name"),
+    ('[services]\ndisable = ["getty@.service"]\n', "template without an instance", "need an instance"),
+    ('[services]\ndisable = "cups.service"\n', "disable", "a list of unit names"),
+    ("[process]\nnice = -21\n", "nice = -21", "an integer -20–19"),
+    ('[process]\nsched_policy = "fifo"\n', 'sched_policy = "fifo"', '"other" or "batch" or "idle"'),
+    ("[process]\ncpus = [0, -1]\n", "cpus", "a list of CPU numbers"),
+    ("[vm\nswappiness = 10\n", "not valid TOML", ""),
+    ("[vm]\nswappiness = 10\nswappiness = 20\n", "not valid TOML", ""),
+    ("vm = 3\n", "top-level key vm = 3", "allowed sections"),
+]
+
+
+@pytest.mark.parametrize(("text", "says", "allowed"), BAD)
+def test_bad_policy_is_one_line_naming_file_key_and_allowed(
+    etc: Path, tmp_path: Path, text: str, says: str, allowed: str
+) -> None:
+    path = write(tmp_path, "bad.toml", text)
+    with pytest.raises(BadInput) as err:
+        load_policy(path, etc)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    assert "\n" not in message
+    assert says in message
+    assert allowed in message
+
+
+def test_bad_system_drop_in_names_that_file(etc: Path) -> None:
+    bad = write(etc, "policy.d/50-bad.toml", "[vm]\nvfs_cache_pressure = 0\n")
+    with pytest.raises(BadInput, match=rf"^{bad}: \[vm\] vfs_cache_pressure = 0: 0 is out of range"):
+        load_policy(None, etc)
+
+
+def test_unreadable_policy_file(etc: Path, tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="no such policy file"):
+        load_policy(tmp_path / "missing.toml", etc)
+    with pytest.raises(BadInput, match="is a directory"):
+        load_policy(tmp_path, etc)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[vm]\n")
+    with pytest.raises(BadInput, match="not valid TOML"):
+        load_policy(binary, etc)
