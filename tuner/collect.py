@@ -184,6 +184,8 @@ def block_device(r: Reader, name: str, depth: int = 0) -> tuple[str | None, str]
         return disk, "nvme"
     if disk.startswith("mmcblk"):
         return disk, "mmc"
+    if disk.startswith("loop"):  # as fast as the file behind it, which sysfs does not tell
+        return disk, "unknown"
     slaves = r.listdir(f"{disk_node}/slaves")
     if slaves:  # dm-crypt, LVM, md: as fast as the slowest device underneath
         classes = [block_device(r, s, depth + 1)[1] for s in slaves]
