@@ -111,7 +111,8 @@ def read_cpu(r: Reader) -> CpuFacts:
         if hybrid:
             kind = "performance" if n in p_cores else "efficiency" if n in e_cores else "standard"
         elif big_little and capacities[n] is not None:
-            kind = "performance" if capacities[n] == max(known_caps) else "efficiency"
+            # big and mid cores both count: phone SoCs ship 1×1024, 3×870, 4×250
+            kind = "performance" if capacities[n] * 2 >= max(known_caps) else "efficiency"
         else:
             kind = "standard"
         cpus.append(
@@ -300,6 +301,9 @@ def read_swaps(r: Reader, mounts: list[Mount]) -> list[SwapArea]:
         if len(parts) < 5:
             continue
         area, kind, size, used, prio = parts[:5]
+        if kind not in ("partition", "file"):  # lxcfs shows a container's swap limit as "none virtual"
+            r.notes.append(f"swap area {area}: type {kind!r} is neither a partition nor a file; left out")
+            continue
         path = unescape_octal(area)
         if kind == "partition":
             device, cls = _device_of_dev_path(r, path)
@@ -473,6 +477,21 @@ def read_tuners(r: Reader, units: list[UnitFacts]) -> list[TunerFacts]:
     return found
 
 
+def read_container(r: Reader, swaps_text: str | None) -> str | None:
+    """Kernel-wide knobs belong to the host when we run inside a container."""
+    marker = r.read("run/systemd/container", quiet=True)  # written by systemd-nspawn, lxc, podman, docker+systemd
+    if marker and marker.strip():
+        return marker.strip()
+    for path, kind in ((".dockerenv", "docker"), ("run/.containerenv", "podman")):
+        if r.exists(path):
+            return kind
+    if r.exists("proc/vz") and not r.exists("proc/bc"):
+        return "openvz"
+    if any(len(line.split()) > 1 and line.split()[1] == "virtual" for line in (swaps_text or "").splitlines()):
+        return "lxc"  # lxcfs presents the container's swap limit as a "virtual" area
+    return None
+
+
 # ---- all together --------------------------------------------------------------------------
 
 
@@ -504,6 +523,7 @@ def collect_facts(root: Path | str = "/") -> Facts:
         thp=read_thp(r),
         cgroup=read_cgroup(r, mount_lines),
         systemd_running=r.exists("run/systemd/system"),
+        container=read_container(r, r.read("proc/swaps", quiet=True)),
         units=units,
         tuners=read_tuners(r, units),
         notes=r.notes,

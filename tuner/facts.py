@@ -122,6 +122,7 @@ class Facts:
     thp: dict[str, str]  # "enabled"/"defrag" → the selected mode
     cgroup: CgroupFacts
     systemd_running: bool
+    container: str | None  # "lxc", "docker", "podman", … when the tool runs inside a container
     units: list[UnitFacts]
     tuners: list[TunerFacts]
     notes: list[str] = field(default_factory=list)

@@ -171,27 +171,36 @@ def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | No
 
 
 def _swap_priorities(b: _Builder, policy: Policy) -> None:
+    """Faster devices first; all disk swap below any active zram, which is RAM (equal priorities interleave)."""
     if not policy["swap"]["prioritize"]:
         return
     priorities = policy["swap"]["priorities"]
+    zram = [a.priority for a in b.facts.swaps if a.device_class == "zram"]
+    ceiling = min(zram) - 1 if zram else catalogue.SWAP_PRIORITY.maximum
     for area in b.facts.swaps:
         if area.device_class == "zram":
             continue
-        target = priorities[area.device_class]
+        target = max(0, min(priorities[area.device_class], ceiling or 0))
+        reason = f"{area.device_class} swap: faster devices are used first ({_table(priorities)})"
+        if target != priorities[area.device_class]:
+            reason += f"; kept below the zram swap at priority {min(zram)}"
         b.add(
             Change(
                 knob="swap.priority",
                 current=area.priority,
                 target=target,
                 persistence="runtime",
-                reason=f"{area.device_class} swap: faster devices are used first "
-                f"({', '.join(f'{k} {v}' for k, v in priorities.items())})",
+                reason=reason,
                 area=area.area,
             )
         )
 
 
-def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str) -> bool:
+def _table(priorities: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in priorities.items())
+
+
+def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str, zram_active: bool) -> bool:
     """Plan the zswap parameters; returns whether zswap will be on afterwards."""
     z = policy["zswap"]
     params = set(b.facts.zswap.parameters)
@@ -200,7 +209,7 @@ def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str)
         b.notes.append("zswap left alone: this kernel has no zswap")
         return False
     will_be_on = currently_on if enable is None else enable
-    if will_be_on:
+    if will_be_on and not zram_active:  # in front of zram only the conflict is reported
         preference = rules.AUTO_COMPRESSORS if z["compressor"] == AUTO else z["compressor"]
         if preference == KEEP:
             b.scalar("zswap.compressor", None, KEPT)
@@ -246,8 +255,8 @@ def _units(b: _Builder, policy: Policy) -> None:
         if target == "disabled" and state in ("static", "indirect", "generated", "transient", "alias"):
             b.notes.append(f"{name} is {state}: it cannot be disabled; list it under [services] mask to stop it")
             continue
-        if target == "disabled" and state.startswith("masked"):
-            state = "disabled"  # already stronger than asked for: leave it masked
+        if target == "disabled" and state == "masked":
+            target = state  # already stronger than asked for: it stays masked
         b.add(
             Change(
                 knob="unit",
@@ -294,11 +303,17 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
         reserve, basis = _choose(
             p["reserve_cores"], rules.reserve_cores(len(firsts), len(efficiency)), "[process] reserve_cores"
         )
-        reserve = min(reserve or 0, len(firsts) - 1)
+        reserve = max(0, min(reserve or 0, len(firsts) - 1))  # 0 when no CPU is known at all
         if reserve:
             reasons.append(f"{reserve} core(s) left to the system, starting with CPU {firsts[0]}: {basis}")
         cpus = firsts[reserve:]
-    threads, basis = _choose(p["threads"], (len(cpus), "one thread per CPU in the set"), "[process] threads")
+    nodes = [n for n, members in sorted(facts.cpu.numa_nodes.items()) if set(members) & set(cpus)]
+    if len(nodes) > 1:
+        reasons.append(f"the CPU set spans NUMA nodes {', '.join(nodes)}: weights are read across sockets")
+    auto_threads = (len(cpus), "one thread per CPU in the set")
+    if not cpus:
+        auto_threads = (1, "CPU topology unknown: one thread and no pinning")
+    threads, basis = _choose(p["threads"], auto_threads, "[process] threads")
     reasons.append(f"threads {threads}: {basis}")
     return ProcessPlan(
         cpus=cpus,
@@ -324,22 +339,27 @@ def _conflicts(facts: Facts) -> list[str]:
     return conflicts
 
 
-def make_plan(facts: Facts, policy: Policy) -> Plan:
-    """The plan for `facts` under `policy`. Pure: same input, byte-identical output."""
-    b = _Builder(facts)
+def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
+    """Swap, zswap and vm sysctls: kernel-wide, so only planned outside containers."""
     z, vm = policy["zswap"], policy["vm"]
     zram_active = any(a.device_class == "zram" for a in facts.swaps)
     disk_swaps = [a for a in facts.swaps if a.device_class != "zram"]
 
     # 1. does zswap want to be on, and does it need a swap file to stand on?
+    explicit = f"set by the policy ([zswap] enabled = {json.dumps(z['enabled'])})"
     if z["enabled"] == KEEP:
         wants_zswap, enable_reason = None, KEPT
-    elif zram_active and z["enabled"] is not False:
+    elif z["enabled"] is False:
+        wants_zswap, enable_reason = False, explicit
+    elif zram_active and z["enabled"] is True:
+        wants_zswap = None
+        enable_reason = "the policy asks for zswap, but in front of the active zram swap it compresses every page twice"
+    elif zram_active:
         wants_zswap, enable_reason = rules.zswap_enabled(True, True)
     elif z["enabled"] == AUTO:
         wants_zswap, enable_reason = True, ""
     else:
-        wants_zswap, enable_reason = z["enabled"], f"set by the policy ([zswap] enabled = {json.dumps(z['enabled'])})"
+        wants_zswap, enable_reason = True, explicit
     file_class, file_change = _swap_file(b, policy, wants_zswap is True and not disk_swaps and not zram_active)
     classes = [a.device_class for a in disk_swaps] + ([file_class] if file_class else [])
     backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
@@ -350,7 +370,7 @@ def make_plan(facts: Facts, policy: Policy) -> Plan:
 
     # 2. swap priorities, zswap, then the sysctls that depend on them
     _swap_priorities(b, policy)
-    zswap_on = _zswap(b, policy, wants_zswap, enable_reason)
+    zswap_on = _zswap(b, policy, wants_zswap, enable_reason, zram_active)
     situation = rules.SwapSituation(zram_active=zram_active, backing_class=backing_class, zswap_on=zswap_on)
     b.scalar("vm.swappiness", *_choose(vm["swappiness"], rules.swappiness(situation), "[vm] swappiness"))
     b.scalar(
@@ -367,7 +387,18 @@ def make_plan(facts: Facts, policy: Policy) -> Plan:
             "vm.swappiness (memory.swappiness); the new value reaches only cgroups created afterwards"
         )
 
-    # 3. services
+
+def make_plan(facts: Facts, policy: Policy) -> Plan:
+    """The plan for `facts` under `policy`. Pure: same input, byte-identical output."""
+    b = _Builder(facts)
+    if facts.container:
+        b.notes.append(
+            f"running inside a {facts.container} container: zswap, swap areas and vm sysctls belong to the host "
+            "kernel; plan them on the host"
+        )
+    else:
+        _kernel(b, facts, policy)
+
     _units(b, policy)
 
     return Plan(

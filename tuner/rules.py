@@ -27,8 +27,9 @@ class SwapSituation:
 
 
 def zswap_enabled(zram_active: bool, has_backing: bool) -> tuple[bool | None, str]:
+    """On in front of disk swap; off in front of zram; left alone with nothing to stand on."""
     if zram_active:
-        return None, "an active zram swap is present; zswap in front of zram compresses twice (conflict)"
+        return False, "an active zram swap is present: zswap in front of zram compresses every page twice (Arch wiki)"
     if not has_backing:
         return None, "no disk swap to back zswap; zswap stores nothing without a swap area"
     return True, "compressed cache in front of disk swap: measured 0 of 10 OOM kills with swappiness 133 (research §9)"
