@@ -131,5 +131,64 @@ def diff(
         raise typer.Exit(EXIT_DIFFERS)
 
 
+@app.command(context_settings={"allow_interspersed_args": False})
+def launch(
+    cmd: Annotated[list[str] | None, typer.Argument(help="Run this command instead of the preset's.")] = None,
+    policy: PolicyOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run; start nothing.")] = False,
+    json_out: JsonOpt = False,
+    unit: Annotated[bool, typer.Option("--unit", help="Print a systemd model service unit instead.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the unit to FILE.")] = None,
+    log: Annotated[Path | None, typer.Option("--log", help="The server's output goes here.")] = None,
+) -> None:
+    """Start the model server with the planned CPU set, threads and priorities; wait until it is ready."""
+    import shutil
+    from importlib import resources
+
+    from . import launch as lc
+    from . import render
+    from .planner import make_plan
+    from .policy import load_policy
+    from .presets import load_preset
+
+    try:
+        if output is not None and not unit:
+            raise BadInput("-o/--output: only with --unit")
+        if unit and json_out:
+            raise BadInput("--unit and --json: choose one output")
+        pol = load_policy(policy)
+        p = make_plan(_facts(None, None), pol)
+        model = pol["model"]
+        preset = load_preset(model["preset"])
+        model_file = lc.check_model_path(model, preset, cmd)
+        spec = lc.build_spec(p.process, model, preset, lc.gather(model_file), cmd)
+        spec = lc.resolve_program(spec, shutil.which, required=not dry_run)
+        if unit:
+            template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
+            text = lc.render_unit(spec, template)
+            if output is None:
+                typer.echo(text, nl=False)
+            else:
+                try:
+                    output.write_text(text)
+                except OSError as exc:
+                    raise BadInput(f"-o {output}: cannot write ({exc.strerror})") from None
+            lc.print_warnings(spec)
+            return
+        if dry_run:
+            if lc.port_in_use(spec.host, spec.port):
+                spec.warnings.append(f"{spec.host}:{spec.port} is in use now: a launch would fail")
+            if json_out:
+                typer.echo(render.to_json(spec.to_dict()), nl=False)
+            else:
+                typer.echo(lc.spec_text(spec), nl=False)
+            return
+        lc.print_warnings(spec)
+        code = lc.run(spec, log or lc.default_log(), json_out, sys.stdout, sys.stderr)
+    except TuneError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()

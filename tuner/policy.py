@@ -21,6 +21,7 @@ from autoglm_helper.catalogue import CatalogueError
 
 from .errors import BadInput
 from .facts import DEVICE_CLASSES
+from .presets import preset_names
 
 AUTO = "auto"
 KEEP = "keep"
@@ -179,6 +180,44 @@ def _cpus() -> tuple[Parser, str]:
     return parse, allowed
 
 
+def _text(what: str, *, empty: bool = False, words: tuple[str, ...] = ()) -> tuple[Parser, str]:
+    allowed = what + "".join(f', "{w}"' for w in words)
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and (value or empty) and "\0" not in value and "\n" not in value:
+            return value
+        raise _Invalid(f"{show(value)} is not {'a string' if empty else 'a non-empty string'} on one line", allowed)
+
+    return parse, allowed
+
+
+def _text_list() -> tuple[Parser, str]:
+    allowed = "a list of strings (jinja2 templates, one per argument)"
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, str) and "\0" not in v for v in value):
+            return tuple(value)
+        raise _Invalid(f"{show(value)} is not a list of strings", allowed)
+
+    return parse, allowed
+
+
+def _environment() -> tuple[Parser, str]:
+    allowed = 'a table of NAME = "value template", NAME of letters, digits and _'
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _Invalid(f"{show(value)} is not a table", allowed)
+        for name, v in value.items():
+            if not (name.replace("_", "a").isalnum() and name.isascii() and not name[0].isdigit()):
+                raise _Invalid(f"{show(name)} is not a variable name", allowed)
+            if not isinstance(v, str) or "\0" in v:
+                raise _Invalid(f"{name} = {show(v)} is not a string", allowed)
+        return dict(value)
+
+    return parse, allowed
+
+
 # The schema: section → key → (parser, allowed values). Defaults live in policies/default.toml.
 SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
     "vm": {
@@ -217,6 +256,20 @@ SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
         "io_class": _choice(*catalogue.IO_CLASSES),
         "io_priority": _int_range(*catalogue.IO_PRIORITY_RANGE),
         "oom_score_adj": _int_range(*catalogue.OOM_SCORE_ADJ_RANGE),
+    },
+    "model": {
+        "preset": _choice(*preset_names()),
+        "program": _text("a program name or path", words=(AUTO,)),
+        "model_path": _text("the path of the model file (a directory for vLLM)", empty=True),
+        "context_size": _int_range(256, 1048576),
+        "host": _text("an address to listen on such as 127.0.0.1"),
+        "port": _int_range(1, 65535),
+        "ready_timeout_s": _int_range(1, 3600),
+        "keep_resident": _choice(AUTO, "mlock", "none"),
+        "mmap": _bool_or(AUTO),
+        "memory_fit": _choice("warn", "refuse", "off"),
+        "args": _text_list(),
+        "environment": _environment(),
     },
 }
 

@@ -1,0 +1,191 @@
+"""Bad input to `autoglm-tune launch`: exit 2, one line naming the key and the allowed values, nothing
+started. And the outputs that start nothing: --dry-run for every preset, --unit checked by systemd."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from launch_parts import cli_env, free_port, launch, processes_mentioning, write_policy
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], marker: str, *needles: str) -> None:
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoglm-tune: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert processes_mentioning(marker) == []
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"not a real model")
+    return path
+
+
+def run_with(tmp_path: Path, etc: Path, doc: dict, *extra: str) -> subprocess.CompletedProcess[str]:
+    policy = write_policy(tmp_path / "policy.toml", doc)
+    return launch("--policy", str(policy), "--log", str(tmp_path / "log"), *extra, env=cli_env(etc))
+
+
+# a command that would run if the checks let it through, marked with the test's temp dir
+def sleeper(marker: Path) -> list[str]:
+    return ["--", "python3", "-c", "import time; time.sleep(30)", str(marker)]
+
+
+def test_missing_model_file(tmp_path: Path, etc: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    proc = run_with(tmp_path, etc, {"model": {"model_path": str(missing), "port": free_port()}})
+    assert_refused(proc, str(tmp_path), "[model] model_path", str(missing), "no such file", "allowed:")
+
+
+def test_model_path_not_set(tmp_path: Path, etc: Path) -> None:
+    proc = run_with(tmp_path, etc, {"model": {"port": free_port()}})
+    assert_refused(proc, str(tmp_path), "[model] model_path is not set", "allowed:")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--alias", "{{ no_such_variable }}"], ["[model] args[1]", "'no_such_variable' is undefined", "threads"]),
+        (["{% if %}"], ["[model] args[0]", "template syntax error", "allowed: jinja2"]),
+    ],
+)
+def test_template_errors(tmp_path: Path, etc: Path, model: Path, args: list[str], needles: list[str]) -> None:
+    proc = run_with(tmp_path, etc, {"model": {"model_path": str(model), "port": free_port(), "args": args}})
+    assert_refused(proc, str(tmp_path), *needles)
+
+
+def test_template_error_in_the_command_line(tmp_path: Path, etc: Path, model: Path) -> None:
+    proc = run_with(
+        tmp_path,
+        etc,
+        {"model": {"model_path": str(model), "port": free_port()}},
+        "--",
+        "python3",
+        "-c",
+        "{{ thread }}",
+        str(tmp_path),
+    )
+    assert_refused(proc, str(tmp_path), "launch -- CMD[2]", "'thread' is undefined")
+
+
+def test_unknown_preset(tmp_path: Path, etc: Path, model: Path) -> None:
+    proc = run_with(tmp_path, etc, {"model": {"model_path": str(model), "preset": "llama-srv"}})
+    assert_refused(
+        proc, str(tmp_path), "[model] preset", "llama-srv", "llama-server", "llama-cpp-python", "ollama", "vllm-cpu"
+    )
+
+
+def test_port_in_use(tmp_path: Path, etc: Path, model: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_with(tmp_path, etc, {"model": {"model_path": str(model), "port": port}}, *sleeper(tmp_path))
+    assert_refused(proc, str(tmp_path), f"[model] port = {port}", "already in use", "allowed: a free port")
+
+
+def test_cpu_list_outside_the_machine(tmp_path: Path, etc: Path, model: Path) -> None:
+    outside = max(os.cpu_count() or 1, *os.sched_getaffinity(0)) + 1
+    doc = {"model": {"model_path": str(model), "port": free_port()}, "process": {"cpus": [0, outside]}}
+    proc = run_with(tmp_path, etc, doc, *sleeper(tmp_path))
+    assert_refused(proc, str(tmp_path), "[process] cpus", str(outside), "allowed: a subset of")
+
+
+def test_program_not_found(tmp_path: Path, etc: Path, model: Path) -> None:
+    doc = {"model": {"model_path": str(model), "port": free_port(), "program": "no-such-llama-server"}}
+    assert_refused(run_with(tmp_path, etc, doc), str(tmp_path), "[model] program", "no-such-llama-server", "PATH")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("keep_resident", "yes", '"auto" or "mlock" or "none"'),
+        ("port", 0, "an integer 1–65535"),
+        ("memory_fit", "maybe", '"warn" or "refuse" or "off"'),
+        ("environment", {"1BAD": "x"}, "NAME of letters"),
+        ("mmap", "sometimes", 'true, false, "auto"'),
+        ("no_such_key", 1, "allowed: preset, program"),
+    ],
+)
+def test_bad_model_policy_values(tmp_path: Path, etc: Path, key: str, value: object, allowed: str) -> None:
+    proc = run_with(tmp_path, etc, {"model": {key: value}}, "--dry-run")
+    assert_refused(proc, str(tmp_path), f"[model] {key}", allowed)
+
+
+def test_memory_refusal_with_the_numbers(tmp_path: Path, etc: Path) -> None:
+    """A sparse 'model' larger than memory and swap together: refused under memory_fit = "refuse"."""
+    big = tmp_path / "huge.gguf"
+    with big.open("wb") as fh:
+        fh.truncate(1 << 43)  # 8 TiB, sparse
+    doc = {"model": {"model_path": str(big), "port": free_port(), "memory_fit": "refuse"}}
+    proc = run_with(tmp_path, etc, doc, *sleeper(tmp_path))
+    assert proc.returncode == 1
+    assert "does not fit" in proc.stderr and "MemAvailable" in proc.stderr and "memory_fit" in proc.stderr
+    assert processes_mentioning(str(tmp_path)) == []
+    warn = run_with(tmp_path, etc, {"model": {**doc["model"], "memory_fit": "warn"}}, "--dry-run", "--json")
+    assert warn.returncode == 0, warn.stderr
+    assert any("does not fit" in w for w in json.loads(warn.stdout)["warnings"])
+
+
+@pytest.mark.parametrize("preset", ["llama-server", "llama-cpp-python", "ollama", "vllm-cpu"])
+def test_dry_run_of_every_preset(tmp_path: Path, etc: Path, model: Path, preset: str) -> None:
+    program = shutil.which("python3")
+    assert program
+    doc = {
+        "model": {"preset": preset, "model_path": str(model), "program": program, "port": 18555, "context_size": 1024},
+        "process": {"cpus": [min(os.sched_getaffinity(0))], "threads": 1, "nice": 3},
+    }
+    proc = run_with(tmp_path, etc, doc, "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)
+    assert spec["argv"][0] == os.path.realpath(program) or spec["argv"][0] == program
+    assert spec["health_url"].startswith("http://127.0.0.1:18555/")
+    assert spec["process"]["threads"] == 1 and spec["process"]["nice"] == 3
+    joined = " ".join(spec["argv"]) + " " + " ".join(spec["environment"].values())
+    assert "18555" in joined and "1024" in joined
+    if preset != "ollama":
+        assert str(model) in spec["argv"]
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_unit_is_accepted_by_systemd(tmp_path: Path, etc: Path, model: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    doc = {
+        "model": {
+            "model_path": str(model),
+            "program": "python3",
+            "keep_resident": "mlock",
+            "args": ["--alias", '50% of "tiny" $HOME'],
+        },
+        "process": {"cpus": [cpu], "nice": 5, "sched_policy": "batch", "io_class": "idle", "oom_score_adj": 200},
+    }
+    unit = tmp_path / "autoglm-model.service"
+    proc = run_with(tmp_path, etc, doc, "--unit", "-o", str(unit))
+    assert proc.returncode == 0, proc.stderr
+    text = unit.read_text()
+    assert text.endswith("WantedBy=multi-user.target\n")
+    for line in (
+        f"CPUAffinity={cpu}",
+        "Nice=5",
+        "CPUSchedulingPolicy=batch",
+        "IOSchedulingClass=idle",
+        "OOMScoreAdjust=200",
+        "LimitMEMLOCK=infinity",
+        "Environment=OMP_NUM_THREADS=1",
+    ):
+        assert line + "\n" in text, line
+    assert "After=network-online.target autoglm-tune.service\n" in text
+    assert '"50%% of \\"tiny\\" $$HOME"' in text
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert str(unit) not in verify.stderr

@@ -1,0 +1,627 @@
+"""Launch the model server with the plan's CPU set, threads and priorities; wait until it is ready.
+
+Functional core: `build_spec` turns (process plan, [model] policy, preset, what the machine allows)
+into a LaunchSpec — the exact argv, added environment, process settings, memory estimate and
+warnings — and `render_unit` turns a spec into a systemd unit. No I/O there.
+Imperative shell: `gather` reads the machine, `check_port` probes the port, `run` starts the server,
+waits for its health endpoint and supervises it until it exits or is told to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from . import gguf, procsettings
+from .errors import BadInput, TuneError
+from .planner import ProcessPlan
+from .policy import AUTO
+from .presets import Preset
+from .procsettings import ProcessSettings, cpu_mask, cpu_ranges
+
+MIB = 1 << 20
+CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_IPC_LOCK = 21, 23, 24, 14
+STOP_GRACE_S = 10.0
+LOG_TAIL_LINES = 15
+
+
+class LaunchError(TuneError):
+    """The model could not be started, died, or was not ready in time: exit 1."""
+
+    exit_code = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# functional core
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What launch needs to know about the live machine (read by `gather`)."""
+
+    allowed_cpus: tuple[int, ...]  # this process's affinity (bounded by its cgroup cpuset)
+    mem_available: int | None  # bytes, MemAvailable
+    swap_free: int  # bytes
+    memlock_hard: int | None  # bytes; None = unlimited
+    cap_eff: int  # effective capability mask
+    model_bytes: int | None  # size of the model file (None: no model file)
+    shape: gguf.ModelShape | None  # from the GGUF header, when the model is a GGUF file
+    schedulers: dict[str, str | None]  # disks under the model file → active I/O scheduler
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    model_bytes: int
+    kv_bytes: int | None
+    context_size: int
+    available: int | None
+    swap_free: int
+    verdict: str  # "fits", "tight" (others must be swapped out), "does not fit", "unknown"
+
+    @property
+    def need(self) -> int:
+        return self.model_bytes + (self.kv_bytes or 0)
+
+    def message(self) -> str:
+        kv = (
+            f" + KV cache {_mib(self.kv_bytes)} ({self.context_size} tokens, f16)"
+            if self.kv_bytes is not None
+            else " (KV cache unknown: not a GGUF file)"
+        )
+        avail = _mib(self.available) if self.available is not None else "unknown"
+        return (
+            f"memory: model {_mib(self.model_bytes)}{kv} = {_mib(self.need)} needed; "
+            f"MemAvailable {avail}, swap free {_mib(self.swap_free)}: {self.verdict}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_bytes": self.model_bytes,
+            "kv_cache_bytes": self.kv_bytes,
+            "need_bytes": self.need,
+            "available_bytes": self.available,
+            "swap_free_bytes": self.swap_free,
+            "verdict": self.verdict,
+        }
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    preset: str
+    argv: list[str]
+    environment: dict[str, str]  # added to the caller's environment
+    host: str
+    port: int
+    health_url: str
+    settings: ProcessSettings
+    keep_resident: str  # "mlock" or "none", decided
+    mmap: bool
+    memory: MemoryFit | None
+    ready_timeout_s: int
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    expected_denials: list[str] = field(default_factory=list)  # for --dry-run; a launch reports the real ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "argv": self.argv,
+            "environment": self.environment,
+            "host": self.host,
+            "port": self.port,
+            "health_url": self.health_url,
+            "process": self.settings.to_dict(),
+            "keep_resident": self.keep_resident,
+            "mmap": self.mmap,
+            "memory": self.memory.to_dict() if self.memory else None,
+            "ready_timeout_s": self.ready_timeout_s,
+            "warnings": self.warnings,
+            "expected_denials": self.expected_denials,
+            "notes": self.notes,
+        }
+
+
+def _mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / MIB:.0f} MiB"
+
+
+def memory_fit(machine: Machine, context_size: int) -> MemoryFit | None:
+    """Model file + KV-cache estimate against MemAvailable and swap. None without a model file."""
+    if machine.model_bytes is None:
+        return None
+    kv = machine.shape.kv_cache_bytes(context_size) if machine.shape else None
+    need = machine.model_bytes + (kv or 0)
+    if machine.mem_available is None:
+        verdict = "unknown"
+    elif need <= machine.mem_available:
+        verdict = "fits"
+    elif need <= machine.mem_available + machine.swap_free:
+        verdict = "tight"
+    else:
+        verdict = "does not fit"
+    return MemoryFit(machine.model_bytes, kv, context_size, machine.mem_available, machine.swap_free, verdict)
+
+
+def _has(cap_eff: int, cap: int) -> bool:
+    return bool(cap_eff >> cap & 1)
+
+
+def _keep_resident(wanted: str, machine: Machine, fit: MemoryFit | None) -> tuple[str, str | None]:
+    """("mlock" | "none", a warning or note). mlock keeps the weights out of swap, where they do not
+    compress and every token would pay for the swap-in (research kernel-and-platform.md §9)."""
+    if wanted == "none" or fit is None:
+        return "none", None
+    lockable = _has(machine.cap_eff, CAP_IPC_LOCK) or machine.memlock_hard is None or machine.memlock_hard >= fit.need
+    limit = "unlimited" if machine.memlock_hard is None else _mib(machine.memlock_hard)
+    if wanted == "mlock":
+        if lockable:
+            return "mlock", None
+        return "mlock", (
+            f"keep_resident = mlock: the hard RLIMIT_MEMLOCK is {limit}, below the {_mib(fit.need)} to lock, and "
+            "this process lacks CAP_IPC_LOCK; the server will run unlocked (raise LimitMEMLOCK=, e.g. launch --unit)"
+        )
+    if not lockable:
+        return "none", f"keep_resident = auto: not locking the model: the hard RLIMIT_MEMLOCK is {limit}"
+    if fit.verdict != "fits":
+        return "none", f"keep_resident = auto: not locking the model: it does not fit in free memory ({fit.verdict})"
+    return "mlock", None
+
+
+def predicted_denials(s: ProcessSettings, cap_eff: int) -> list[str]:
+    """Settings this process is expected to be refused (research §5), for --dry-run."""
+    out = []
+    if s.nice < 0 and not _has(cap_eff, CAP_SYS_NICE):
+        out.append(f"nice = {s.nice} will probably be refused: lowering nice needs CAP_SYS_NICE or RLIMIT_NICE")
+    if s.oom_score_adj < 0 and not _has(cap_eff, CAP_SYS_RESOURCE):
+        out.append(
+            f"oom_score_adj = {s.oom_score_adj} will be refused: lowering it below 0 needs CAP_SYS_RESOURCE, "
+            "which this process lacks"
+        )
+    if s.io_class == "realtime" and not _has(cap_eff, CAP_SYS_ADMIN):
+        out.append("io_class = realtime will be refused: it needs CAP_SYS_ADMIN")
+    return out
+
+
+_JINJA = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def render(template: str, variables: dict[str, Any], where: str) -> str:
+    """Render one jinja2 template; any template problem is BadInput naming where it is."""
+    allowed = f"jinja2 with the variables {', '.join(sorted(variables))}"
+    try:
+        return _JINJA.from_string(template).render(variables)
+    except TemplateSyntaxError as exc:
+        raise BadInput(
+            f"{where} = {json.dumps(template)}: template syntax error: {exc.message}; allowed: {allowed}"
+        ) from None
+    except UndefinedError as exc:
+        raise BadInput(f"{where} = {json.dumps(template)}: {exc.message}; allowed: {allowed}") from None
+    except TemplateError as exc:
+        raise BadInput(f"{where} = {json.dumps(template)}: template error: {exc}; allowed: {allowed}") from None
+
+
+def _render_args(templates: list[str] | tuple[str, ...], variables: dict[str, Any], where: str) -> list[str]:
+    """Render each argument; one whose template has a {% %} block and renders empty is left out."""
+    out = []
+    for i, t in enumerate(templates):
+        text = render(t, variables, f"{where}[{i}]")
+        if text or "{%" not in t:
+            out.append(text)
+    return out
+
+
+def url_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server listening on `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def build_spec(
+    process: ProcessPlan,
+    model: dict[str, Any],
+    preset: Preset,
+    machine: Machine,
+    command: list[str] | None = None,
+) -> LaunchSpec:
+    """The exact launch: argv, added environment, process settings, memory estimate, warnings. Pure."""
+    outside = sorted(set(process.cpus) - set(machine.allowed_cpus))
+    if outside:
+        raise BadInput(
+            f"[process] cpus: CPUs {outside} are outside this process's CPU set; "
+            f"allowed: a subset of {cpu_ranges(machine.allowed_cpus)}"
+        )
+    warnings: list[str] = []
+    notes = list(process.reasons)
+    fit = memory_fit(machine, model["context_size"]) if model["memory_fit"] != "off" else None
+    if fit is not None:
+        if fit.verdict == "does not fit" and model["memory_fit"] == "refuse":
+            raise LaunchError(f'{fit.message()}; refused by [model] memory_fit = "refuse"')
+        (warnings if fit.verdict in ("tight", "does not fit") else notes).append(fit.message())
+    trained = machine.shape.context_length if machine.shape else None
+    if trained is not None and model["context_size"] > trained:
+        warnings.append(
+            f"[model] context_size = {model['context_size']} exceeds the {trained} tokens the model was trained "
+            "for; output degrades beyond it"
+        )
+    keep, why = _keep_resident(model["keep_resident"], machine, fit)
+    if why:
+        (warnings if model["keep_resident"] == "mlock" else notes).append(why)
+    mmap = True if model["mmap"] == AUTO else model["mmap"]
+    settings = ProcessSettings(
+        cpus=tuple(process.cpus),
+        threads=process.threads,
+        sched_policy=process.sched_policy,
+        nice=process.nice,
+        io_class=process.io_class,
+        io_priority=process.io_priority,
+        oom_score_adj=process.oom_score_adj,
+        raise_memlock=keep == "mlock",
+    )
+    model_path = model["model_path"]
+    variables: dict[str, Any] = {
+        "preset": preset.name,
+        "program": preset.program if model["program"] == AUTO else model["program"],
+        "model_path": model_path,
+        "model_name": Path(model_path).name.removesuffix(".gguf"),
+        "context_size": model["context_size"],
+        "host": model["host"],
+        "port": model["port"],
+        "url_host": url_host(model["host"]),
+        "threads": process.threads,
+        "cpus": list(process.cpus),
+        "cpu_list": cpu_ranges(process.cpus),
+        "cpu_mask": cpu_mask(process.cpus),
+        "mlock": keep == "mlock",
+        "mmap": mmap,
+        "sched_policy": process.sched_policy,
+        "nice": process.nice,
+        "io_class": process.io_class,
+        "io_priority": process.io_priority,
+        "oom_score_adj": process.oom_score_adj,
+    }
+    if command:
+        argv = _render_args(command, variables, "launch -- CMD")
+    else:
+        argv = _render_args(preset.command, variables, f"preset {preset.name} command")
+        argv += _render_args(model["args"], variables, "[model] args")
+    if not argv or not argv[0]:
+        raise BadInput("the command is empty; allowed: a program and its arguments")
+    environment = {
+        k: render(v, variables, f"preset {preset.name} [environment] {k}") for k, v in preset.environment.items()
+    }
+    environment |= {k: render(v, variables, f"[model] environment {k}") for k, v in model["environment"].items()}
+    health = render(preset.health, variables, f"preset {preset.name} health")
+    note = procsettings.ioprio_note(process.io_class, machine.schedulers, model_path) if model_path else None
+    if note:
+        warnings.append(note)
+    return LaunchSpec(
+        preset=preset.name,
+        argv=argv,
+        environment=environment,
+        host=model["host"],
+        port=model["port"],
+        health_url=health,
+        settings=settings,
+        keep_resident=keep,
+        mmap=mmap,
+        memory=fit,
+        ready_timeout_s=model["ready_timeout_s"],
+        warnings=warnings,
+        notes=notes,
+        expected_denials=predicted_denials(settings, machine.cap_eff),
+    )
+
+
+def systemd_quote(word: str) -> str:
+    """One ExecStart= argument: specifiers (%) and variable expansion ($) escaped, quoted when needed."""
+    text = word.replace("%", "%%").replace("$", "$$")
+    if text and not any(c in text for c in " \t\"'\\;"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_unit(spec: LaunchSpec, template: str) -> str:
+    """The persistent model service unit for `spec` (jinja2 `template`, policies/model.service.j2). Pure."""
+    s = spec.settings
+    variables = {
+        "description": f"Local LLM server ({spec.preset}) with the autoglm-tune plan",
+        "exec_start": " ".join(systemd_quote(a) for a in spec.argv),
+        "environment": [systemd_quote(f"{k}={v}") for k, v in sorted(spec.environment.items())],
+        "cpu_affinity": cpu_ranges(s.cpus),
+        "sched_policy": s.sched_policy,
+        "nice": s.nice,
+        "io_class": s.io_class,
+        "io_priority": s.io_priority,
+        "oom_score_adj": s.oom_score_adj,
+        "mlock": spec.keep_resident == "mlock",
+        "memory_low": spec.memory.need if spec.memory and spec.keep_resident == "mlock" else None,
+        "health_url": spec.health_url,
+    }
+    return render(template, variables, "policies/model.service.j2")
+
+
+def spec_text(spec: LaunchSpec) -> str:
+    """--dry-run without --json: what would run, for a person."""
+    s = spec.settings
+    lines = [
+        f"preset    {spec.preset}",
+        f"argv      {' '.join(systemd_quote(a) for a in spec.argv)}",
+        *(f"env       {k}={v}" for k, v in sorted(spec.environment.items())),
+        f"cpus      {cpu_ranges(s.cpus)} (mask {cpu_mask(s.cpus)}), threads {s.threads}",
+        f"sched     {s.sched_policy}, nice {s.nice}, io {s.io_class}/{s.io_priority}, oom_score_adj {s.oom_score_adj}",
+        f"memory    keep_resident {spec.keep_resident}, mmap {str(spec.mmap).lower()}",
+        f"ready     {spec.health_url} within {spec.ready_timeout_s} s",
+        *(f"note      {n}" for n in spec.notes),
+        *(f"warning   {w}" for w in spec.warnings + spec.expected_denials),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# imperative shell
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                out[name] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _cap_eff() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def check_model_path(model: dict[str, Any], preset: Preset, command: list[str] | None) -> Path | None:
+    """The model file to check and estimate, or None; BadInput when it is required and missing."""
+    path = model["model_path"]
+    if not path:
+        if preset.model_file and not command:
+            raise BadInput(f"[model] model_path is not set; allowed: the path of the model file for {preset.name}")
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"[model] model_path = {json.dumps(path)}: no such file; allowed: an existing model file")
+    if not (p.is_file() or p.is_dir()) or not os.access(p, os.R_OK):
+        raise BadInput(f"[model] model_path = {json.dumps(path)}: not a readable file; allowed: a readable model file")
+    return p
+
+
+def gather(model_file: Path | None) -> Machine:
+    """Read what launch needs from the live machine."""
+    mem = _meminfo()
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    size = shape = None
+    schedulers: dict[str, str | None] = {}
+    if model_file is not None:
+        if model_file.is_dir():
+            size = sum(f.stat().st_size for f in model_file.rglob("*") if f.is_file())
+        else:
+            size = model_file.stat().st_size
+            with model_file.open("rb") as fh:
+                is_gguf = fh.read(4) == b"GGUF"
+            if is_gguf:
+                shape = gguf.model_shape(gguf.read_metadata(model_file), str(model_file))
+        schedulers = procsettings.schedulers_of(str(model_file))
+    return Machine(
+        allowed_cpus=tuple(sorted(os.sched_getaffinity(0))),
+        mem_available=mem.get("MemAvailable"),
+        swap_free=mem.get("SwapFree", 0),
+        memlock_hard=None if hard == resource.RLIM_INFINITY else hard,
+        cap_eff=_cap_eff(),
+        model_bytes=size,
+        shape=shape,
+        schedulers=schedulers,
+    )
+
+
+def resolve_program(spec: LaunchSpec, which: Callable[[str], str | None], required: bool = True) -> LaunchSpec:
+    """argv[0] as an absolute path (the exact argv, and systemd wants one). Not found: BadInput, or
+    for --dry-run (`required` False) a warning."""
+    found = which(spec.argv[0])
+    if found is not None:
+        return replace(spec, argv=[os.path.abspath(found), *spec.argv[1:]])
+    problem = f"[model] program: {json.dumps(spec.argv[0])} is not an executable on PATH"
+    if required:
+        raise BadInput(f"{problem}; allowed: a program name on PATH or its full path")
+    return replace(spec, warnings=[*spec.warnings, problem])
+
+
+def check_port(spec: LaunchSpec) -> None:
+    """BadInput when something already listens on the server's address."""
+    if port_in_use(spec.host, spec.port):
+        raise BadInput(f"[model] port = {spec.port}: {spec.host}:{spec.port} is already in use; allowed: a free port")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (bind fails with EADDRINUSE)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise BadInput(f"[model] host = {json.dumps(host)}: cannot listen there ({exc.strerror})") from None
+    return False
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in tail) if tail else "  | (empty log)"
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return False
+
+
+class _Stop:
+    """SIGINT/SIGTERM/SIGHUP set a flag; the supervising loop stops the server."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def _set(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _stop(proc: Any) -> None:
+    """SIGTERM to the server's process group, SIGKILL after a grace period; reap it."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # helpers the server forked and left in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: TextIO) -> int:
+    """Start the server, wait for readiness, supervise until it exits or a signal asks it to stop."""
+    check_port(spec)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = log_path.open("wb")
+    except OSError as exc:
+        raise BadInput(f"--log {log_path}: cannot write ({exc.strerror})") from None
+    read_fd, write_fd = os.pipe()
+    stop = _Stop()
+    proc = None
+    try:
+        with log:
+            try:
+                proc = subprocess.Popen(
+                    spec.argv,
+                    env={**os.environ, **spec.environment},
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=procsettings.Applier(spec.settings, write_fd),
+                    process_group=0,
+                )
+            except OSError as exc:
+                os.close(read_fd)
+                raise BadInput(f"[model] program: cannot run {spec.argv[0]} ({exc.strerror})") from None
+            finally:
+                os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as reports:
+            for line in reports.read().decode().splitlines():
+                _warn(json.loads(line)["warning"], err)
+        _wait_ready(spec, proc, stop, log_path, err)
+        if stop.signum is None:
+            info = {"event": "ready", "pid": proc.pid, "url": spec.health_url, "log": str(log_path)}
+            if json_out:
+                out.write(json.dumps(info) + "\n")
+            else:
+                out.write(
+                    f"autoglm-tune: model ready: {spec.health_url} (pid {proc.pid}, log {log_path}); Ctrl-C stops it\n"
+                )
+            out.flush()
+        while stop.signum is None:
+            try:
+                rc = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            raise LaunchError(
+                f"the model server exited with status {rc}; last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        return 0
+    finally:
+        if proc is not None:
+            _stop(proc)
+        stop.restore()
+
+
+def _warn(text: str, err: TextIO) -> None:
+    err.write(f"autoglm-tune: warning: {text}\n")
+    err.flush()
+
+
+def _wait_ready(spec: LaunchSpec, proc: Any, stop: _Stop, log_path: Path, err: TextIO) -> None:
+    start = time.monotonic()
+    tty = err.isatty()
+    while stop.signum is None:
+        rc = proc.poll()
+        if rc is not None:
+            raise LaunchError(
+                f"the model server exited with status {rc} before it was ready; "
+                f"last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        if _healthy(spec.health_url):
+            break
+        waited = time.monotonic() - start
+        if waited > spec.ready_timeout_s:
+            raise LaunchError(
+                f"the model server was not ready after {spec.ready_timeout_s} s ([model] ready_timeout_s); "
+                f"stopped it; last lines of {log_path}:\n{log_tail(log_path)}"
+            )
+        if tty:
+            err.write(f"\rautoglm-tune: waiting for {spec.health_url} … {waited:.0f} s / {spec.ready_timeout_s} s")
+            err.flush()
+        time.sleep(0.25)
+    if tty:
+        err.write("\r\033[K")
+        err.flush()
+
+
+def default_log() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "autoglm-tune" / "model.log"
+
+
+def print_warnings(spec: LaunchSpec, err: TextIO = sys.stderr) -> None:
+    for w in spec.warnings:
+        _warn(w, err)
