@@ -62,7 +62,9 @@ def host_snapshots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             dest = base / name
             dest.mkdir()
             with tarfile.open(tgz) as tar:
-                tar.extractall(dest, filter="data")
+                # the "data" filter arrived in Python 3.11.4; Debian 12 ships 3.11.2
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(dest, **safe)
             assert (dest / "root").is_dir() and (dest / "cmd").is_dir(), f"{tgz}: expected root/ and cmd/"
             _extracted[name] = dest
     return _extracted

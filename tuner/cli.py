@@ -15,6 +15,7 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer
 
+from .cli_helper import register
 from .errors import EXIT_DIFFERS, BadInput, TuneError
 
 app = typer.Typer(
@@ -129,6 +130,9 @@ def diff(
     typer.echo(render.to_json(render.diff_json(p)) if json_out else render.diff_text(p, color=_color()), nl=False)
     if not p.in_sync:
         raise typer.Exit(EXIT_DIFFERS)
+
+
+register(app)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})

@@ -482,9 +482,8 @@ def read_container(r: Reader, swaps_text: str | None) -> str | None:
     marker = r.read("run/systemd/container", quiet=True)  # written by systemd-nspawn, lxc, podman, docker+systemd
     if marker and marker.strip():
         return marker.strip()
-    for path, kind in ((".dockerenv", "docker"), ("run/.containerenv", "podman")):
-        if r.exists(path):
-            return kind
+    if r.exists("run/.containerenv"):  # podman writes it at run time (/.dockerenv also survives in images: not used)
+        return "podman"
     if r.exists("proc/vz") and not r.exists("proc/bc"):
         return "openvz"
     if any(len(line.split()) > 1 and line.split()[1] == "virtual" for line in (swaps_text or "").splitlines()):

@@ -1,0 +1,196 @@
+"""The root helper on the system bus: authorize, audit, run one transaction at a time, exit when idle.
+
+dbus-fast method handlers do not see the sender, so a message handler takes every call to our
+interface: it asks the bus daemon who the caller is, authorizes through polkit, runs the engine
+in a worker thread under one lock, audits, and replies. The exported ServiceInterface only serves
+introspection, the Version property and the Changed signal.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import syslog
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_fast import introspection as intr
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
+
+from .transaction import Engine, HelperError
+
+BUS_NAME = INTERFACE = "io.github.autoglm_tune.Helper1"
+OBJECT_PATH = "/io/github/autoglm_tune/Helper1"
+ERROR_PREFIX = INTERFACE + ".Error."
+ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback"}
+SIGNATURES = {
+    "Apply": ("sbb", "plan_json dry_run force"),
+    "Rollback": ("sbb", "txid dry_run force"),
+    "Status": ("", ""),
+}
+DEFAULT_STATE_DIR = "/var/lib/autoglm-tune"
+log = logging.getLogger("autoglm-tune-helper")
+
+try:
+    VERSION = version("autoglm-tune")
+except PackageNotFoundError:
+    VERSION = "unknown"
+
+
+class HelperInterface(ServiceInterface):
+    def __init__(self) -> None:
+        super().__init__(INTERFACE)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":  # noqa: F821
+        return VERSION
+
+    @dbus_signal()
+    def Changed(self, txid: "s") -> "s":  # noqa: F821
+        return txid
+
+    def introspect(self) -> intr.Interface:
+        """The methods are served by the message handler; list them for introspection here."""
+        iface = super().introspect()
+        for name, (sig, names) in SIGNATURES.items():
+            args = [intr.Arg(t, intr.ArgDirection.IN, n) for t, n in zip(sig, names.split(), strict=True)]
+            iface.methods.append(intr.Method(name, args, [intr.Arg("s", intr.ArgDirection.OUT, "report_json")]))
+        return iface
+
+
+class Helper:
+    def __init__(self, engine: Engine, audit_path: str, idle_timeout: float) -> None:
+        self.engine = engine
+        self.audit_path = audit_path
+        self.idle_timeout = idle_timeout
+        self.lock = asyncio.Lock()
+        self.busy = 0
+        self.last_call = time.monotonic()
+        self.interface = HelperInterface()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.bus: MessageBus
+
+    def audit(self, caller: dict[str, Any], method: str, report: dict[str, Any], result: str, detail: str) -> None:
+        """Every call, allowed or denied: one syslog line and one JSON line in the audit file."""
+        changes = [{"subject": c["subject"], "old": c["old"], "new": c["target"] if c.get("new") is None else c["new"]}
+                   for c in report.get("changes", [])]
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **caller, "method": method,
+                 "txid": report.get("txid", ""), "result": result, "detail": detail, "changes": changes}
+        line = json.dumps(entry)
+        syslog.syslog(syslog.LOG_NOTICE if result != "denied" else syslog.LOG_WARNING, line)
+        try:
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, line.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # the call is answered anyway; syslog has the line
+            log.exception("cannot write the audit file %s", self.audit_path)
+
+    async def _dbus(self, dest: str, path: str, iface: str, member: str, sig: str, body: list[Any]) -> Message:
+        return await self.bus.call(Message(destination=dest, path=path, interface=iface, member=member,
+                                           signature=sig, body=body))
+
+    async def credentials(self, sender: str) -> dict[str, Any]:
+        reply = await self._dbus("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                 "GetConnectionCredentials", "s", [sender])
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise HelperError("NotAuthorized", f"the bus does not know the caller {sender}")
+        creds = reply.body[0]
+        return {"uid": creds["UnixUserID"].value, "pid": creds["ProcessID"].value if "ProcessID" in creds else None}
+
+    async def authorize(self, sender: str, caller: dict[str, Any], action: str) -> None:
+        """polkit decides; when polkit is not on the bus (or fails), only uid 0 is allowed."""
+        reply = await self._dbus(
+            "org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.PolicyKit1.Authority", "CheckAuthorization", "(sa{sv})sa{ss}us",
+            [["system-bus-name", {"name": Variant("s", sender)}], action, {}, 1, ""])
+        polkit_answered = reply.message_type == MessageType.METHOD_RETURN
+        allowed = bool(reply.body[0][0]) if polkit_answered else caller["uid"] == 0
+        if not allowed:
+            raise HelperError("NotAuthorized", f"uid {caller['uid']} is not authorized for {action}")
+
+    def on_message(self, msg: Message) -> bool | None:
+        if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
+                or msg.interface != INTERFACE or msg.member not in SIGNATURES):
+            return None
+        task = asyncio.ensure_future(self.serve(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def serve(self, msg: Message) -> None:
+        self.busy += 1
+        caller: dict[str, Any] = {"uid": None, "pid": None}
+        report: dict[str, Any] = {}
+        try:
+            caller = await self.credentials(msg.sender)
+            sig, names = SIGNATURES[msg.member]
+            if msg.signature != sig:
+                wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
+                raise HelperError("InvalidArgs", f"{msg.member}: arguments ({msg.signature}) do not match; "
+                                  f"allowed: ({wanted})")
+            if msg.member == "Status":
+                report = {"result": "status", **await asyncio.to_thread(self.engine.status)}
+            else:
+                text, dry_run, force = msg.body
+                if not dry_run:
+                    await self.authorize(msg.sender, caller, ACTIONS[msg.member])
+                async with self.lock:
+                    if msg.member == "Apply":
+                        report = await asyncio.to_thread(self.engine.apply, text, dry_run, force, caller)
+                    else:
+                        report = await asyncio.to_thread(self.engine.rollback, text, dry_run, force)
+            reply = Message.new_method_return(msg, "s", [json.dumps(report)])
+            result, detail = report["result"], ""
+        except HelperError as exc:
+            report = exc.report
+            reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, str(exc))
+            result, detail = ("denied" if exc.kind == "NotAuthorized" else exc.kind), str(exc)
+        except Exception as exc:  # never crash on a caller's input; the audit and the log keep the cause
+            log.exception("%s failed", msg.member)
+            reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
+            result, detail = "error", repr(exc)
+        self.audit(caller, msg.member, report, result, detail)
+        self.bus.send(reply)
+        if result in ("committed", "rolled-back", "conflict") and report.get("txid"):
+            self.interface.Changed(report["txid"])
+        self.busy -= 1
+        self.last_call = time.monotonic()
+
+    async def run(self) -> None:
+        self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus.add_message_handler(self.on_message)
+        self.bus.export(OBJECT_PATH, self.interface)
+        if await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE) != RequestNameReply.PRIMARY_OWNER:
+            raise SystemExit(f"autoglm-tune-helper: {BUS_NAME} is already owned")
+        while self.idle_timeout <= 0 or self.busy or time.monotonic() - self.last_call < self.idle_timeout:
+            await asyncio.sleep(0.2 if self.idle_timeout <= 0 else min(0.2, self.idle_timeout))
+        await self.bus.release_name(BUS_NAME)
+        self.bus.disconnect()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="autoglm-tune-helper", description="autoglm-tune's root helper (D-Bus).")
+    parser.add_argument("--state-dir", default=os.environ.get("AUTOGLM_TUNE_STATE_DIR", DEFAULT_STATE_DIR))
+    parser.add_argument("--audit-log", help="JSON-lines audit file (default: STATE_DIR/audit.jsonl)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="exit after this many idle seconds; 0: never")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="autoglm-tune-helper: %(message)s")
+    syslog.openlog("autoglm-tune-helper", syslog.LOG_PID, syslog.LOG_DAEMON)
+    if os.geteuid() != 0:
+        sys.exit("autoglm-tune-helper: must run as root")
+    os.umask(0o077)
+    engine = Engine(args.state_dir)
+    helper = Helper(engine, args.audit_log or os.path.join(args.state_dir, "audit.jsonl"), args.idle_timeout)
+    for tx in engine.recover():
+        log.warning("recovered transaction %s left by a crash: now %s", tx["txid"], tx["state"])
+        report = {"txid": tx["txid"], "changes": tx["steps"]}
+        helper.audit({"uid": 0, "pid": os.getpid()}, "Recover", report, tx["state"], "left pending by a crash")
+    asyncio.run(helper.run())

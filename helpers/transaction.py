@@ -1,0 +1,227 @@
+"""Transactions: validate, check preconditions, journal, apply, read back, commit; undo on failure.
+
+The undo journal is one JSON file per transaction in <state-dir>/tx/, replaced atomically (temp
+file, fsync, rename, fsync the folder). A step's intent is journaled before it is performed, so a
+kill -9 at any instant leaves a journal from which start-up recovery restores the old state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from typing import Any
+
+from . import catalogue, knobs, plan_schema
+from .catalogue import CatalogueError
+
+Tx = dict[str, Any]
+TXID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
+ACTIVE = ("pending", "rolling-back")  # states a crash can leave behind
+UNDOABLE = ("committed", "conflict")  # states Rollback accepts
+LEFT = ("conflict", "failed")  # steps an undo could not (or would not) restore
+
+
+class HelperError(Exception):
+    """A refused or failed call: `kind` is the last part of the D-Bus error name."""
+
+    def __init__(self, kind: str, text: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.report = report or {}
+
+
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _summary(step: knobs.Step) -> dict[str, Any]:
+    return {k: step.get(k) for k in ("subject", "old", "target", "new", "state")}
+
+
+class Engine:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "tx")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.boot = boot_id()
+
+    # ---- journal ------------------------------------------------------------------------
+
+    def save(self, tx: Tx) -> None:
+        final = os.path.join(self.dir, tx["txid"] + ".json")
+        tmp = final + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, json.dumps(tx, indent=1).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def transactions(self) -> list[Tx]:
+        """All journaled transactions, oldest first (left-over temp files are ignored)."""
+        txs = []
+        for name in os.listdir(self.dir):
+            if name.endswith(".json") and TXID.fullmatch(name[:-5]):
+                with open(os.path.join(self.dir, name)) as f:
+                    txs.append(json.load(f))
+        return sorted(txs, key=lambda tx: tx["started_ns"])
+
+    # ---- apply --------------------------------------------------------------------------
+
+    def _steps(self, plan_json: str, force: bool) -> list[knobs.Step]:
+        """Validate the plan and the live preconditions; drift is refused unless forced."""
+        try:
+            changes = plan_schema.plan_from_json(plan_json)
+        except CatalogueError as exc:
+            raise HelperError("InvalidArgs", str(exc)) from None
+        steps, drift = [], []
+        for i, c in enumerate(changes):
+            if c.knob == "unit":
+                raise HelperError("NotSupported", f"changes[{i}].knob: unit changes are not supported yet; allowed: "
+                                  + ", ".join(k for k in catalogue.KNOB_NAMES if k != "unit"))
+            step = {"subject": c.subject, "state": "pending", "persistence": c.persistence, **c.to_dict()}
+            del step["reason"], step["current"]
+            try:
+                knobs.check(step, f"changes[{i}]")
+            except CatalogueError as exc:
+                raise HelperError("InvalidArgs", str(exc)) from None
+            step["old"] = knobs.read(step)
+            found = (step["old"], type(step["old"]))
+            if found not in ((c.current, type(c.current)), (c.target, type(c.target))):  # at the target: no drift
+                drift.append(f"{c.subject} is {step['old']!r}, the plan expected {c.current!r}")
+            steps.append(step)
+        if drift and not force:
+            report = {"txid": "", "changes": [_summary(s) for s in steps]}
+            raise HelperError("Drift", "changed since the plan was made: " + "; ".join(drift), report)
+        return steps
+
+    def apply(self, plan_json: str, dry_run: bool, force: bool, caller: dict[str, Any]) -> dict[str, Any]:
+        steps = self._steps(plan_json, force)
+        changes = [s for s in steps if s["old"] != s["target"]]
+        if dry_run or not changes:
+            result = "dry-run" if dry_run else "unchanged"
+            return {"result": result, "txid": "", "changes": [_summary(s) for s in steps]}
+        now = time.time_ns()
+        tx: Tx = {
+            "txid": time.strftime("%Y%m%d-%H%M%S", time.gmtime(now / 1e9)) + "-" + secrets.token_hex(4),
+            "started_ns": now,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
+            "boot_id": self.boot,
+            "caller": caller,
+            "plan_hash": hashlib.sha256(plan_json.encode()).hexdigest(),
+            "state": "pending",
+            "steps": changes,
+        }
+        self.save(tx)
+        try:
+            for step in changes:
+                step["state"] = "intent"
+                self.save(tx)
+                knobs.write(step)
+                step["new"] = knobs.read(step)
+                step["state"] = "done"
+                self.save(tx)
+            for step in changes:  # read back again: a later write (zswap.enabled) may change an earlier one
+                step["new"] = knobs.read(step)
+                if step["new"] != step["target"]:
+                    raise OSError(f"{step['subject']}: reads back {step['new']!r} after writing {step['target']!r}")
+        except (OSError, CatalogueError) as exc:
+            self._undo(tx, force=False)
+            report = {"result": tx["state"], "txid": tx["txid"], "changes": [_summary(s) for s in changes]}
+            raise HelperError("Failed", f"{exc}; transaction {tx['txid']} {tx['state']}", report) from None
+        tx["state"] = "committed"
+        self.save(tx)
+        return {"result": "committed", "txid": tx["txid"], "changes": [_summary(s) for s in changes]}
+
+    # ---- undo ---------------------------------------------------------------------------
+
+    def _undo(self, tx: Tx, force: bool) -> None:
+        """Undo the started steps in reverse, compare-and-set unless forced; journal each one."""
+        tx["state"] = "rolling-back"
+        self.save(tx)
+        for step in reversed(tx["steps"]):
+            if step["state"] not in ("intent", "done", *LEFT):
+                continue
+            try:
+                if step["persistence"] == "runtime" and tx["boot_id"] != self.boot:
+                    step["state"] = "expired"  # gone with the reboot
+                elif force or step["state"] == "intent" or knobs.read(step) in (step["old"], step["new"]):
+                    knobs.restore(step)
+                    step["state"] = "undone"
+                else:
+                    step["state"] = "conflict"
+            except OSError as exc:
+                step["state"], step["error"] = "failed", str(exc)
+            self.save(tx)
+        tx["state"] = "conflict" if any(s["state"] in LEFT for s in tx["steps"]) else "rolled-back"
+        self.save(tx)
+
+    def rollback(self, txid: str, dry_run: bool, force: bool) -> dict[str, Any]:
+        candidates = [tx for tx in self.transactions() if tx["state"] in UNDOABLE]
+        if txid:
+            if not TXID.fullmatch(txid) or txid not in {tx["txid"] for tx in candidates}:
+                raise HelperError("InvalidArgs", f"txid: {txid[:40]!r} is not a committed transaction; allowed: "
+                                  + (", ".join(tx["txid"] for tx in candidates) or "none, nothing to roll back"))
+            tx = next(tx for tx in candidates if tx["txid"] == txid)
+        elif candidates:
+            tx = candidates[-1]
+        else:
+            raise HelperError("InvalidArgs", "txid: there is no committed transaction to roll back; allowed: none")
+        report = []
+        for step in tx["steps"]:
+            started = step["state"] in ("done", *LEFT)
+            live = knobs.read(step) if started else None
+            report.append({**_summary(step), "live": live})
+            still_live = step["persistence"] == "persistent" or tx["boot_id"] == self.boot
+            if started and still_live and not force and live not in (step["old"], step["new"]):
+                report[-1]["conflict"] = True
+        conflicts = [f"{r['subject']} is {r['live']!r}, applied {r['new']!r}" for r in report if r.get("conflict")]
+        if conflicts:
+            raise HelperError("Drift", "changed since it was applied (use force to restore anyway): "
+                              + "; ".join(conflicts), {"txid": tx["txid"], "changes": report})
+        if dry_run:
+            return {"result": "dry-run", "txid": tx["txid"], "changes": report}
+        self._undo(tx, force)
+        return {"result": tx["state"], "txid": tx["txid"], "changes": [_summary(s) for s in tx["steps"]]}
+
+    def recover(self) -> list[Tx]:
+        """Roll back what a crash left pending: all steps from this boot, persistent ones from earlier boots."""
+        for name in os.listdir(self.dir):
+            if name.endswith(".tmp"):  # a save interrupted before its rename: the old version stands
+                os.unlink(os.path.join(self.dir, name))
+        left = [tx for tx in self.transactions() if tx["state"] in ACTIVE]
+        for tx in left:
+            tx["recovered"] = True
+            self._undo(tx, force=False)
+        return left
+
+    # ---- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        txs = self.transactions()
+        applied: dict[str, dict[str, Any]] = {}
+        for tx in (tx for tx in txs if tx["state"] == "committed"):
+            for step in tx["steps"]:
+                if tx["boot_id"] == self.boot or step["persistence"] == "persistent":
+                    applied[step["subject"]] = {"txid": tx["txid"], "subject": step["subject"], "old": step["old"],
+                                                "new": step["new"], "live": knobs.read(step)}
+        return {
+            "boot_id": self.boot,
+            "transactions": [
+                {"txid": tx["txid"], "time": tx["time"], "caller": tx["caller"], "state": tx["state"],
+                 "this_boot": tx["boot_id"] == self.boot, "changes": [_summary(s) for s in tx["steps"]]}
+                for tx in txs[-50:]
+            ],
+            "applied": list(applied.values()),
+            "drift": [a for a in applied.values() if a["live"] != a["new"]],
+        }

@@ -1,0 +1,119 @@
+"""Real swap files and swap priorities through the helper (swapon/swapoff on the host's swap list)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from autoglm_helper import catalogue, knobs
+from autoglm_helper.service import ERROR_PREFIX
+from helper_parts import SWAP_DIR_ROOT, Helper, plan_json
+
+
+@pytest.fixture
+def swap_area(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A 64 MiB swap file made by the test (fallocate + mkswap), active with the priority asked for."""
+    path = tmp_path / "area.swap"
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 64 * 1024 * 1024)
+    path.chmod(0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    priority = request.param
+    subprocess.run(["swapon", *(["-p", str(priority)] if priority >= 0 else []), str(path)], check=True)
+    yield str(path)
+    if str(path) in knobs.swap_areas():
+        subprocess.run(["swapoff", str(path)], check=True)
+
+
+def priority_change(area: str, current: int, target: int) -> dict[str, object]:
+    return {"knob": "swap.priority", "current": current, "target": target, "persistence": "runtime",
+            "reason": "test", "area": area}
+
+
+@pytest.mark.parametrize("swap_area", [5], indirect=True)
+def test_swap_priority_is_changed_and_restored(helper: Helper, swap_area: str) -> None:
+    report = helper.c.ok("Apply", plan_json(priority_change(swap_area, 5, 20)), False, False)
+    assert report["result"] == "committed" and knobs.swap_areas()[swap_area][2] == 20
+    helper.c.ok("Rollback", report["txid"], False, False)
+    assert knobs.swap_areas()[swap_area][2] == 5
+
+
+@pytest.mark.parametrize("swap_area", [-1], indirect=True)
+def test_a_default_negative_priority_is_restored_without_a_preference(helper: Helper, swap_area: str) -> None:
+    old = knobs.swap_areas()[swap_area][2]
+    assert old < 0
+    report = helper.c.ok("Apply", plan_json(priority_change(swap_area, old, 7)), False, False)
+    assert knobs.swap_areas()[swap_area][2] == 7
+    helper.c.ok("Rollback", report["txid"], False, False)
+    assert knobs.swap_areas()[swap_area][2] < 0
+
+
+@pytest.mark.parametrize("swap_area", [5], indirect=True)
+def test_swap_priority_drift_and_unknown_areas_are_refused(helper: Helper, swap_area: str) -> None:
+    name, text = helper.c.error("Apply", plan_json(priority_change(swap_area, 4, 20)), False, False)
+    assert name == ERROR_PREFIX + "Drift" and swap_area in text
+    name, text = helper.c.error("Apply", plan_json(priority_change(swap_area + "x", 5, 20)), False, False)
+    assert name == ERROR_PREFIX + "InvalidArgs" and text.startswith("changes[0].area") and swap_area in text
+    assert knobs.swap_areas()[swap_area][2] == 5
+
+
+def swap_file_change(size: int = 64, priority: int = 9) -> dict[str, object]:
+    return {"knob": "swap.file", "current": None, "target": size, "persistence": "persistent", "reason": "test",
+            "path": f"{catalogue.SWAP_FILE_DIRS[0]}/{catalogue.SWAP_FILE_NAME}", "priority": priority}
+
+
+def test_swap_file_is_created_without_holes_activated_and_removed(helper: Helper) -> None:
+    assert not os.path.exists(SWAP_DIR_ROOT)
+    change = swap_file_change()
+    path = str(change["path"])
+    dry = helper.c.ok("Apply", plan_json(change), True, False)
+    assert dry["result"] == "dry-run" and not os.path.exists(SWAP_DIR_ROOT)
+
+    report = helper.c.ok("Apply", plan_json(change), False, False)
+    assert report["result"] == "committed" and report["changes"][0]["new"] == 64
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    assert st.st_size == 64 * 1024 * 1024 and st.st_blocks * 512 >= st.st_size
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert knobs.swap_areas()[path][2] == 9
+    blkid = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", path], capture_output=True, text=True)
+    assert blkid.stdout.strip() == "swap"
+    assert helper.journal()[-1]["steps"][0]["dirs"] == [SWAP_DIR_ROOT, os.path.dirname(path)]
+
+    assert helper.c.ok("Apply", plan_json(change), False, False)["result"] == "unchanged"  # already in place
+    for force in (False, True):  # a file of another size is never resized, adopted or deleted
+        name, text = helper.c.error("Apply", plan_json({**change, "target": 128}), False, force)
+        assert name == ERROR_PREFIX + "InvalidArgs" and text.startswith("changes[0].path: exists already (64 MiB)")
+
+    helper.c.ok("Rollback", report["txid"], False, False)
+    assert path not in knobs.swap_areas() and not os.path.exists(SWAP_DIR_ROOT)
+
+
+@pytest.mark.parametrize("fstype", ["btrfs", "tmpfs"])
+def test_swap_file_on_a_filesystem_that_cannot_hold_one_is_refused(helper: Helper, tmp_path: Path, fstype: str) -> None:
+    """btrfs (copy-on-write: swapon needs nocow files) and tmpfs, mounted where the helper may put a swap file."""
+    directory = Path("/var/swap")
+    assert not directory.exists()
+    directory.mkdir()
+    if fstype == "btrfs":
+        image = tmp_path / "btrfs.img"
+        with open(image, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 256 * 1024 * 1024)
+        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        mount = ["mount", "-o", "loop", str(image), str(directory)]
+    else:
+        mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)]
+    subprocess.run(mount, check=True)
+    try:
+        change = {**swap_file_change(), "path": f"{directory}/{catalogue.SWAP_FILE_NAME}"}
+        name, text = helper.c.error("Apply", plan_json(change), False, False)
+        assert name == ERROR_PREFIX + "InvalidArgs"
+        assert text.startswith(f"changes[0].path: lies on {fstype}") and "ext4" in text
+        assert not os.path.exists(change["path"])
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+        directory.rmdir()

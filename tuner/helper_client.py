@@ -1,0 +1,94 @@
+"""D-Bus client of the root helper. Its errors become typed exceptions (exit codes) here, in one place.
+
+Honours DBUS_SYSTEM_BUS_ADDRESS like every D-Bus program (dbus-fast's BusType.SYSTEM does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from .errors import (
+    EXIT_DIFFERS,
+    EXIT_FAILED_ROLLED_BACK,
+    EXIT_HELPER_UNREACHABLE,
+    EXIT_NOT_AUTHORIZED,
+    BadInput,
+    TuneError,
+)
+
+CALL_TIMEOUT = 600.0  # swapoff of a large area can take minutes
+
+
+class Drift(TuneError):
+    """Live values differ from what the plan (or the applied transaction) expected: exit 1, nothing changed."""
+
+    exit_code = EXIT_DIFFERS
+
+
+class NotAuthorized(TuneError):
+    exit_code = EXIT_NOT_AUTHORIZED
+
+
+class FailedRolledBack(TuneError):
+    """A step failed; the helper undid the steps already done."""
+
+    exit_code = EXIT_FAILED_ROLLED_BACK
+
+
+class HelperUnreachable(TuneError):
+    exit_code = EXIT_HELPER_UNREACHABLE
+
+
+HELPER_ERRORS: dict[str, type[TuneError]] = {
+    "InvalidArgs": BadInput,
+    "NotSupported": BadInput,
+    "Drift": Drift,
+    "NotAuthorized": NotAuthorized,
+    "Failed": FailedRolledBack,
+}
+BUS_ERRORS: dict[str, type[TuneError]] = {"org.freedesktop.DBus.Error.AccessDenied": NotAuthorized}
+
+
+def error_for(name: str, text: str) -> TuneError:
+    """The typed exception for a D-Bus error reply: the one mapping of helper errors to exit codes."""
+    kind = name.removeprefix(ERROR_PREFIX)
+    if name.startswith(ERROR_PREFIX) and kind in HELPER_ERRORS:
+        return HELPER_ERRORS[kind](text)
+    return BUS_ERRORS.get(name, HelperUnreachable)(f"the root helper did not answer ({name}: {text})")
+
+
+async def _call(member: str, signature: str, body: list[Any]) -> dict[str, Any]:
+    try:
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    except Exception as exc:  # any failure to connect or authenticate means: no helper to talk to
+        raise HelperUnreachable(f"cannot connect to the system bus: {exc}") from None
+    try:
+        msg = Message(
+            destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member=member, signature=signature, body=body
+        )
+        reply = await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
+    except TimeoutError:
+        raise HelperUnreachable(f"the root helper did not answer {member} within {CALL_TIMEOUT:.0f} s") from None
+    finally:
+        bus.disconnect()
+    if reply.message_type == MessageType.ERROR:
+        raise error_for(reply.error_name or "", reply.body[0] if reply.body else "")
+    return json.loads(reply.body[0])
+
+
+def apply(plan: dict[str, Any], dry_run: bool, force: bool) -> dict[str, Any]:
+    return asyncio.run(_call("Apply", "sbb", [json.dumps(plan), dry_run, force]))
+
+
+def rollback(txid: str, dry_run: bool, force: bool) -> dict[str, Any]:
+    return asyncio.run(_call("Rollback", "sbb", [txid, dry_run, force]))
+
+
+def status() -> dict[str, Any]:
+    return asyncio.run(_call("Status", "", []))
