@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -17,7 +18,6 @@ from autoglm_helper import plan_schema
 from autoglm_helper.catalogue import CatalogueError
 from autoglm_helper.plan_schema import Change
 
-from . import helper_client
 from .errors import EXIT_DIFFERS, EXIT_OK, BadInput, TuneError
 
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
@@ -29,6 +29,13 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Go ahead even where liv
 
 # Knobs the planner plans but the helper cannot apply yet, and why: left out of a plan made by `apply`.
 NOT_YET_APPLIED = {"unit": "service changes need the helper's systemd support, not built yet"}
+
+
+def _client() -> ModuleType:
+    """The D-Bus client, imported on use: plan and diff start without dbus-fast and asyncio."""
+    from . import helper_client
+
+    return helper_client
 
 
 def _show(v: object) -> str:
@@ -110,7 +117,7 @@ def apply(
         if not dry_run and not yes and not _confirm("Apply these changes?"):
             typer.echo("nothing changed")
             return EXIT_OK
-        report = helper_client.apply(plan, dry_run, force)
+        report = _client().apply(plan, dry_run, force)
         would = any(c["old"] != c["target"] for c in report["changes"])
         changed = report["result"] == "committed" or (dry_run and would)
         if json_out:
@@ -137,16 +144,16 @@ def rollback(
         if txid is not None and last:
             raise BadInput("TXID and --last: give one of them")
         if not dry_run and not yes:
-            preview = helper_client.rollback(txid or "", True, force)
+            preview = _client().rollback(txid or "", True, force)
             if not json_out:
                 typer.echo(f"would roll back {preview['txid']}:")
                 _print_changes(preview, "would be undone")
             if not _confirm("Roll back these changes?"):
                 typer.echo("nothing changed")
                 return EXIT_OK
-            report = helper_client.rollback(preview["txid"], False, force)
+            report = _client().rollback(preview["txid"], False, force)
         else:
-            report = helper_client.rollback(txid or "", dry_run, force)
+            report = _client().rollback(txid or "", dry_run, force)
         if json_out:
             typer.echo(json.dumps({"changed": report["result"] != "dry-run", "dry_run": dry_run, **report}))
         else:
@@ -161,7 +168,7 @@ def status(json_out: JsonOpt = False) -> None:
     """Transactions (id, time, caller, state), what is applied now, and drift."""
 
     def body() -> int:
-        report = helper_client.status()
+        report = _client().status()
         if json_out:
             typer.echo(json.dumps(report, indent=2))
             return EXIT_OK
@@ -182,7 +189,7 @@ def verify(json_out: JsonOpt = False) -> None:
     """Check that what was applied is still live. Exit 0 in place, 1 drift."""
 
     def body() -> int:
-        report = helper_client.status()
+        report = _client().status()
         drift = report["drift"]
         if json_out:
             typer.echo(json.dumps({"in_sync": not drift, "drift": drift, "applied": report["applied"]}, indent=2))
