@@ -119,7 +119,13 @@ def change_from_dict(obj: object, where: str = "changes[?]") -> Change:
     else:  # unit
         knob = None
         _no_extras(obj, where, ("unit",))
-        fields["unit"] = catalogue.check_unit_name(_require(obj, "unit", where))
+        try:
+            fields["unit"] = catalogue.check_unit_name(_require(obj, "unit", where))
+        except CatalogueError as exc:  # name the change's field
+            raise CatalogueError(f"{where}.unit", exc.problem, exc.allowed) from None
+        if catalogue.is_never_touch(fields["unit"]):  # whatever a policy or a plan says
+            raise CatalogueError(f"{where}.unit", f"{fields['unit']} is on the never-touch list",
+                                 "a unit matching none of " + " ".join(catalogue.NEVER_TOUCH_UNITS))
         if target not in catalogue.UNIT_TARGET_STATES:
             raise CatalogueError(
                 f"{where}.target", f"{target!r} is not a unit target state", " or ".join(catalogue.UNIT_TARGET_STATES)

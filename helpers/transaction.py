@@ -13,9 +13,9 @@ import os
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from . import catalogue, knobs, plan_schema
+from . import knobs, plan_schema, units
 from .catalogue import CatalogueError
 
 Tx = dict[str, Any]
@@ -23,6 +23,15 @@ TXID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
 ACTIVE = ("pending", "rolling-back")  # states a crash can leave behind
 UNDOABLE = ("committed", "conflict")  # states Rollback accepts
 LEFT = ("conflict", "failed")  # steps an undo could not (or would not) restore
+
+
+class KnobKind(Protocol):
+    """What acts on a step: the kernel knobs (the knobs module) or systemd (units.Systemd)."""
+
+    def check(self, step: knobs.Step, where: str) -> None: ...
+    def read(self, step: knobs.Step) -> Any: ...
+    def write(self, step: knobs.Step) -> None: ...
+    def restore(self, step: knobs.Step) -> None: ...
 
 
 class HelperError(Exception):
@@ -48,6 +57,16 @@ class Engine:
         self.dir = os.path.join(state_dir, "tx")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.boot = boot_id()
+        self.systemd: units.Systemd | None = None  # set by the service when PID 1 is systemd on its bus
+
+    def _kind(self, step: knobs.Step) -> KnobKind:
+        """What reads, checks, writes and restores this step: the kernel knobs or systemd."""
+        if step["knob"] != "unit":
+            return knobs
+        if self.systemd is None:
+            raise HelperError("NotSupported", f"{step['subject']}: systemd is not running on this bus, so units "
+                              "cannot be changed; allowed: kernel and swap knobs only")
+        return self.systemd
 
     # ---- journal ------------------------------------------------------------------------
 
@@ -86,16 +105,13 @@ class Engine:
             raise HelperError("InvalidArgs", str(exc)) from None
         steps, drift = [], []
         for i, c in enumerate(changes):
-            if c.knob == "unit":
-                raise HelperError("NotSupported", f"changes[{i}].knob: unit changes are not supported yet; allowed: "
-                                  + ", ".join(k for k in catalogue.KNOB_NAMES if k != "unit"))
             step = {"subject": c.subject, "state": "pending", "persistence": c.persistence, **c.to_dict()}
             del step["reason"], step["current"]
             try:
-                knobs.check(step, f"changes[{i}]")
+                self._kind(step).check(step, f"changes[{i}]")
+                step["old"] = self._kind(step).read(step)
             except CatalogueError as exc:
                 raise HelperError("InvalidArgs", str(exc)) from None
-            step["old"] = knobs.read(step)
             found = (step["old"], type(step["old"]))
             if found not in ((c.current, type(c.current)), (c.target, type(c.target))):  # at the target: no drift
                 drift.append(f"{c.subject} is {step['old']!r}, the plan expected {c.current!r}")
@@ -127,12 +143,12 @@ class Engine:
             for step in changes:
                 step["state"] = "intent"
                 self.save(tx)
-                knobs.write(step)
-                step["new"] = knobs.read(step)
+                self._kind(step).write(step)
+                step["new"] = self._kind(step).read(step)
                 step["state"] = "done"
                 self.save(tx)
             for step in changes:  # read back again: a later write (zswap.enabled) may change an earlier one
-                step["new"] = knobs.read(step)
+                step["new"] = self._kind(step).read(step)
                 if step["new"] != step["target"]:
                     raise OSError(f"{step['subject']}: reads back {step['new']!r} after writing {step['target']!r}")
         except (OSError, CatalogueError) as exc:
@@ -155,12 +171,12 @@ class Engine:
             try:
                 if step["persistence"] == "runtime" and tx["boot_id"] != self.boot:
                     step["state"] = "expired"  # gone with the reboot
-                elif force or step["state"] == "intent" or knobs.read(step) in (step["old"], step["new"]):
-                    knobs.restore(step)
+                elif force or step["state"] == "intent" or self._kind(step).read(step) in (step["old"], step["new"]):
+                    self._kind(step).restore(step)
                     step["state"] = "undone"
                 else:
                     step["state"] = "conflict"
-            except OSError as exc:
+            except (OSError, HelperError) as exc:
                 step["state"], step["error"] = "failed", str(exc)
             self.save(tx)
         tx["state"] = "conflict" if any(s["state"] in LEFT for s in tx["steps"]) else "rolled-back"
@@ -180,7 +196,7 @@ class Engine:
         report = []
         for step in tx["steps"]:
             started = step["state"] in ("done", *LEFT)
-            live = knobs.read(step) if started else None
+            live = self._kind(step).read(step) if started else None
             report.append({**_summary(step), "live": live})
             still_live = step["persistence"] == "persistent" or tx["boot_id"] == self.boot
             if started and still_live and not force and live not in (step["old"], step["new"]):
@@ -214,7 +230,7 @@ class Engine:
             for step in tx["steps"]:
                 if tx["boot_id"] == self.boot or step["persistence"] == "persistent":
                     applied[step["subject"]] = {"txid": tx["txid"], "subject": step["subject"], "old": step["old"],
-                                                "new": step["new"], "live": knobs.read(step)}
+                                                "new": step["new"], "live": self._kind(step).read(step)}
         return {
             "boot_id": self.boot,
             "transactions": [

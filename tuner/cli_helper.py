@@ -27,10 +27,6 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confir
 ForceOpt = Annotated[bool, typer.Option("--force", help="Go ahead even where live values changed since.")]
 
 
-# Knobs the planner plans but the helper cannot apply yet, and why: left out of a plan made by `apply`.
-NOT_YET_APPLIED = {"unit": "service changes need the helper's systemd support, not built yet"}
-
-
 def _client() -> ModuleType:
     """The D-Bus client, imported on use: plan and diff start without dbus-fast and asyncio."""
     from . import helper_client
@@ -75,12 +71,7 @@ def _planned(policy: Path | None, plan_file: Path | None) -> tuple[dict[str, Any
         from .policy import load_policy
 
         plan = make_plan(collect_facts(Path("/")), load_policy(policy))
-        body = plan.to_dict()
-        deferred = [c for c in plan.changes if c.knob in NOT_YET_APPLIED]
-        for c in deferred:
-            typer.echo(f"not applied yet: {c.subject} ({NOT_YET_APPLIED[c.knob]})", err=True)
-        body["changes"] = [c.to_dict() for c in plan.changes if c not in deferred]
-        return body, [c for c in plan.changes if c not in deferred]
+        return plan.to_dict(), plan.changes
     if policy is not None:
         raise BadInput("--plan and --policy: give one of them")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from autoglm_helper import catalogue
 
@@ -384,7 +385,7 @@ def read_cgroup(r: Reader, mount_lines: list[tuple[str, str, str]]) -> CgroupFac
     return CgroupFacts(layout=layout, memory_controller=memory)
 
 
-# ---- systemd units and co-resident tuners (from files; live states come over D-Bus) ----------
+# ---- systemd units and co-resident tuners (live over D-Bus when systemd runs, else from files) ----
 
 _UNIT_DIRS = ("etc/systemd/system", "run/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
 _UNIT_FILE = re.compile(r"[A-Za-z0-9:_.\\-]+\.(service|socket|timer|path)")
@@ -424,6 +425,52 @@ def read_units(r: Reader) -> list[UnitFacts]:
             state = "disabled" if has_install else "static"
         units.append(UnitFacts(name=name, state=state, active=None, source="files"))
     return units
+
+
+def read_units_live(timeout: float = 5.0) -> list[UnitFacts]:
+    """Unit-file states (ListUnitFiles) and ActiveState (ListUnits) from the running systemd on the system
+    bus — both readable unprivileged. Raises OSError when the bus or systemd does not answer.
+    dbus-fast is imported here, so `diff` on a machine without systemd starts without it."""
+    import asyncio
+
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+    from dbus_fast.errors import DBusFastError
+
+    async def call(bus: MessageBus, member: str) -> list[Any]:
+        reply = await bus.call(Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+                                       interface="org.freedesktop.systemd1.Manager", member=member))
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd {member}: {reply.error_name}")
+        return reply.body[0]
+
+    async def run() -> list[UnitFacts]:
+        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        try:
+            files = await call(bus, "ListUnitFiles")
+            active = {row[0]: row[3] for row in await call(bus, "ListUnits")}
+        finally:
+            bus.disconnect()
+        units = {}
+        for path, state in files:
+            name = os.path.basename(path)
+            loaded = os.path.basename(os.path.realpath(path)) if state == "alias" else name  # ListUnits: real names
+            if _UNIT_FILE.fullmatch(name):
+                units[name] = UnitFacts(name=name, state=state, active=active.get(loaded, "inactive"), source="systemd")
+        return [units[name] for name in sorted(units)]
+
+    async def bounded() -> list[UnitFacts]:
+        return await asyncio.wait_for(run(), timeout)
+
+    try:
+        return asyncio.run(bounded())
+    except (DBusFastError, EOFError) as exc:  # a refused, unauthenticated or broken connection
+        raise OSError(str(exc)) from None
+
+
+def tuner_unit(name: str) -> str | None:
+    """The unit of a co-resident tuner from read_tuners (None: it has none, e.g. zram-generator)."""
+    return next((unit for tuner, _paths, unit, _conflicts in _TUNERS if tuner == name), None)
 
 
 # (name, files that show it is installed, its unit, what it competes with us on)
@@ -503,7 +550,15 @@ def collect_facts(root: Path | str = "/") -> Facts:
     if not r.exists("proc") and not r.exists("sys"):
         raise BadInput(f"--sysroot {root}: has neither proc/ nor sys/; expected a tree laid out like /")
     mounts, mount_lines = read_mounts(r)
-    units = read_units(r)
+    systemd_running = r.exists("run/systemd/system")
+    units = None
+    if systemd_running and root == Path("/"):
+        try:
+            units = read_units_live()
+        except (OSError, TimeoutError) as exc:
+            r.notes.append(f"unit states read from files: systemd did not answer on the system bus ({exc})")
+    if units is None:
+        units = read_units(r)
     hostname = r.read("proc/sys/kernel/hostname", quiet=True) or r.read("etc/hostname", quiet=True)
     kernel = r.read("proc/sys/kernel/osrelease", quiet=True)
     if kernel is None:
@@ -521,7 +576,7 @@ def collect_facts(root: Path | str = "/") -> Facts:
         knobs=read_knobs(r),
         thp=read_thp(r),
         cgroup=read_cgroup(r, mount_lines),
-        systemd_running=r.exists("run/systemd/system"),
+        systemd_running=systemd_running,
         container=read_container(r, r.read("proc/swaps", quiet=True)),
         units=units,
         tuners=read_tuners(r, units),

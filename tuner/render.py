@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from autoglm_helper.plan_schema import Change
 
+from .collect import tuner_unit
 from .facts import Facts
 from .planner import Plan
 
@@ -72,9 +73,13 @@ def facts_text(f: Facts) -> str:
     lines.append(f"vm          {vm}")
     lines.append(f"thp         {', '.join(f'{k}={v}' for k, v in sorted(f.thp.items())) or 'unknown'}")
     lines.append(f"cgroup      {f.cgroup.layout}, memory controller {f.cgroup.memory_controller or 'none'}")
-    lines.append(f"systemd     {'running' if f.systemd_running else 'not PID 1'}, {len(f.units)} units read")
+    source = "live over D-Bus" if any(u.source == "systemd" for u in f.units) else "from unit files"
+    lines.append(f"systemd     {'running' if f.systemd_running else 'not PID 1'}, {len(f.units)} units read {source}")
+    units = {u.name: u for u in f.units}
     for t in f.tuners:
-        lines.append(f"tuner       {t.name} ({t.evidence}): {'; '.join(t.conflicts_on)}")
+        unit = units.get(tuner_unit(t.name) or "")
+        state = f", {unit.name} {unit.state}{', ' + unit.active if unit.active else ''}" if unit else ""
+        lines.append(f"tuner       {t.name} ({t.evidence}{state}): {'; '.join(t.conflicts_on)}")
     for n in f.notes:
         lines.append(f"note        {n}")
     return "\n".join(lines) + "\n"

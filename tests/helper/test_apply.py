@@ -132,11 +132,27 @@ def test_a_failing_step_undoes_the_done_steps_and_the_cli_exits_4(helper: Helper
         directory.rmdir()
 
 
-def test_unit_changes_are_refused_as_not_supported(helper: Helper) -> None:
+def test_unit_changes_without_systemd_on_the_bus_are_not_supported(helper: Helper) -> None:
+    """The private test bus has no systemd: unit changes are refused (tests/systemd applies them for real)."""
     plan = plan_json({"knob": "unit", "current": "enabled", "target": "disabled", "persistence": "persistent",
                       "reason": "test", "unit": "cups.service"})
     name, text = helper.c.error("Apply", plan, False, False)
-    assert name == ERROR_PREFIX + "NotSupported" and "changes[0].knob" in text and "not supported yet" in text
+    assert name == ERROR_PREFIX + "NotSupported" and "unit cups.service" in text and "systemd is not running" in text
+
+
+@pytest.mark.parametrize(
+    ("unit", "problem"),
+    [("ssh.service", "never-touch"), ("systemd-journald.service", "never-touch"), ("autoglm-tune.service",
+     "never-touch"), ("dbus-io.github.autoglm_tune.Helper1.service", "never-touch"),
+     ("../etc/cups.service", "is not a unit name"), ("/usr/lib/systemd/system/cups.service", "is not a unit name"),
+     ("getty@.service", "template without an instance"), ("cups", "is not a unit name")],
+)
+def test_unit_bad_names_and_never_touch_are_refused_by_the_schema(helper: Helper, unit: str, problem: str) -> None:
+    plan = plan_json({"knob": "unit", "current": "enabled", "target": "masked", "persistence": "persistent",
+                      "reason": "test", "unit": unit})
+    name, text = helper.c.error("Apply", plan, False, False)
+    assert name == ERROR_PREFIX + "InvalidArgs" and text.startswith("changes[0].unit: ") and problem in text
+    assert "allowed: " in text and "\n" not in text
 
 
 @pytest.mark.parametrize(

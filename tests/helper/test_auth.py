@@ -126,3 +126,21 @@ def test_the_shipped_policy_files_are_what_polkitd_and_the_bus_enforce(helper: H
     command = f"DBUS_SYSTEM_BUS_ADDRESS={helper.bus.address} exec {BIN / 'python'} -c {shlex.quote(own)}"
     squat = subprocess.run(["su", "-s", "/bin/sh", DENIED_USER, "-c", command], capture_output=True, text=True)
     assert squat.returncode != 0 and "not allowed to own the service" in squat.stderr
+
+
+def test_the_helper_exits_when_its_bus_goes_away(workdir: Path, tmp_path: Path) -> None:
+    """A helper that can no longer be reached (its bus daemon died) exits instead of lingering, idle timeout 0."""
+    bus = Bus(Path(tempfile.mkdtemp(dir=workdir)) / "bus", with_polkit=False)
+    h = Helper(bus, tmp_path / "state")
+    try:
+        h.start("--idle-timeout", "0")
+        h.c.ok("Status")
+        bus.stop()
+        assert h.proc is not None and h.proc.wait(10) == 0
+    finally:
+        if h.proc is not None and h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait(10)
+        if h.client is not None:
+            h.client.close()
+        bus.stop()

@@ -1,0 +1,148 @@
+"""systemd units through the Manager D-Bus API: record a unit's exact prior state, stop + disable or mask
+it, and restore exactly that state (research: dbus-systemd-polkit.md §1, §2).
+
+A unit step (a dict in the undo journal) carries, besides knob/subject/old/target/new/state:
+`unit`, `links` and `runtime_links` ({symlink: its target} — what GetUnitFileLinks lists in /etc and in
+/run), and `active` (ActiveState before the change). The step's value is the unit-file state
+(GetUnitFileState: enabled, disabled, static, alias, masked, masked-runtime, …).
+
+The engine runs in a worker thread; every call here is sent on the helper's own bus connection through
+its event loop and waited for. Unit-file changes are made by systemd itself; the helper writes only the
+symlinks a restore has to put back (in /etc/systemd/system or /run/systemd/system).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from .catalogue import CatalogueError
+
+Step = dict[str, Any]
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER = ("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
+CALL_TIMEOUT = 30.0
+JOB_TIMEOUT = 120.0
+LINK_DIRS = ("/etc/systemd/system/", "/run/systemd/system/")  # where restored symlinks may be written
+# Unit-file states each target accepts (linked, generated, transient, bad: not ours to change).
+DISABLE_FROM = ("enabled", "enabled-runtime", "disabled")
+MASK_FROM = (*DISABLE_FROM, "static", "indirect", "alias", "masked", "masked-runtime")
+RUNNING = ("active", "activating", "reloading")
+
+
+class Systemd:
+    """Synchronous calls to PID 1 over the helper's bus connection (for the engine's worker thread)."""
+
+    def __init__(self, bus: MessageBus, loop: asyncio.AbstractEventLoop) -> None:
+        self.bus = bus
+        self.loop = loop
+
+    def _call(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> Message:
+        msg = Message(destination=SYSTEMD, path=path, interface=iface, member=member, signature=sig, body=body)
+        return asyncio.run_coroutine_threadsafe(self.bus.call(msg), self.loop).result(CALL_TIMEOUT)
+
+    def manager(self, member: str, sig: str = "", *args: Any) -> list[Any]:
+        """A Manager method; a systemd error becomes OSError (a failed write undoes the transaction)."""
+        reply = self._call(*MANAGER, member, sig, list(args))
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd {member}{tuple(args)!r}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return list(reply.body)
+
+    def unit_property(self, unit: str, iface: str, prop: str) -> Any:
+        path = self.manager("LoadUnit", "s", unit)[0]
+        reply = self._call(path, "org.freedesktop.DBus.Properties", "Get", "ss", [iface, prop])
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd {unit} {prop}: {reply.error_name}")
+        value = reply.body[0]
+        return value.value if isinstance(value, Variant) else value
+
+    def file_state(self, unit: str) -> str | None:
+        """GetUnitFileState, or None when no unit file of that name exists."""
+        reply = self._call(*MANAGER, "GetUnitFileState", "s", [unit])
+        if reply.error_name == "org.freedesktop.DBus.Error.FileNotFound":
+            return None
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd GetUnitFileState {unit}: {reply.error_name}")
+        return str(reply.body[0])
+
+    def links(self, unit: str, runtime: bool) -> dict[str, str]:
+        return {p: os.readlink(p) for p in self.manager("GetUnitFileLinks", "sb", unit, runtime)[0]
+                if os.path.islink(p)}
+
+    def run_job(self, member: str, unit: str) -> None:
+        """StartUnit/StopUnit in mode replace, and wait until the job is gone."""
+        job = self.manager(member, "ss", unit, "replace")[0]
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while True:
+            reply = self._call(job, "org.freedesktop.DBus.Properties", "Get", "ss",
+                               ["org.freedesktop.systemd1.Job", "State"])
+            if reply.message_type == MessageType.ERROR:  # the job object is gone: finished
+                return
+            if time.monotonic() > deadline:
+                raise OSError(f"systemd {member} {unit}: the job did not finish in {JOB_TIMEOUT:.0f} s")
+            time.sleep(0.02)
+
+    # ---- the knob interface the engine uses (like knobs.py) -----------------------------
+
+    def check(self, step: Step, where: str) -> None:
+        """Refuse missing units and states the target cannot come from; record the exact prior state.
+        (Never-touch units are refused earlier, by the plan schema.)"""
+        unit, target = step["unit"], step["target"]
+        state = self.file_state(unit)
+        if state is None:
+            raise CatalogueError(f"{where}.unit", f"{unit} is not installed", "a unit with a unit file on this machine")
+        accepted = DISABLE_FROM if target == "disabled" else MASK_FROM
+        if state not in accepted and state != target:
+            raise CatalogueError(f"{where}.target", f"{unit} is {state}: it cannot be {target}",
+                                 f"{target} only for units that are " + ", ".join(accepted))
+        etc_file = LINK_DIRS[0] + unit
+        if target == "masked" and os.path.lexists(etc_file) and not os.path.islink(etc_file):
+            raise CatalogueError(f"{where}.target", f"{unit} has its unit file in {LINK_DIRS[0]}, "
+                                 "where a mask cannot be put", "disabled")
+        step["links"] = self.links(unit, runtime=False)
+        step["runtime_links"] = self.links(unit, runtime=True)
+        step["active"] = self.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
+
+    def read(self, step: Step) -> str | None:
+        return self.file_state(step["unit"])
+
+    def write(self, step: Step) -> None:
+        unit = step["unit"]
+        self.run_job("StopUnit", unit)
+        if step["target"] == "masked":
+            self.manager("MaskUnitFiles", "asbb", [unit], False, False)
+        else:
+            for runtime, links in ((False, step["links"]), (True, step["runtime_links"])):
+                if links:
+                    self.manager("DisableUnitFiles", "asb", [unit], runtime)
+        self.manager("Reload")
+
+    def restore(self, step: Step) -> None:
+        """Unmask what we masked, put back every recorded symlink, start the unit if it was running.
+        Idempotent: what is already back is left alone."""
+        unit = step["unit"]
+        touched = False
+        if step["target"] == "masked" and step["old"] != "masked" and os.path.islink(LINK_DIRS[0] + unit):
+            self.manager("UnmaskUnitFiles", "asb", [unit], False)
+            touched = True
+        for path, dest in {**step["links"], **step["runtime_links"]}.items():
+            if os.path.lexists(path):
+                continue
+            if not path.startswith(LINK_DIRS) or os.path.normpath(path) != path or "\0" in path:
+                raise OSError(f"{unit}: will not recreate {path!r} outside {' '.join(LINK_DIRS)}")
+            parent = os.path.dirname(path)  # e.g. multi-user.target.wants, removed with its last link
+            if not os.path.isdir(parent):
+                os.mkdir(parent)
+                os.chmod(parent, 0o755)  # the helper's umask is 077; unit directories are world-readable
+            os.symlink(dest, path)
+            touched = True
+        if touched:
+            self.manager("Reload")
+        live = self.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
+        if step["active"] in RUNNING and live not in RUNNING:
+            self.run_job("StartUnit", unit)
