@@ -1,4 +1,4 @@
-"""Real parts for the root helper's tests (the fixtures are in conftest.py): a private system-like
+"""Real parts for the root helper's tests (the fixtures are in helper_fixtures.py): a private system-like
 dbus-daemon, polkitd with our action and an example rule, two unprivileged users (one in the `autoglm` group),
 and the real helper as a subprocess. Every helper test snapshots all catalogue knobs and /proc/swaps and must
 leave them as it found them (the fixture restores them and fails the test otherwise).
