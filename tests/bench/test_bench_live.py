@@ -1,0 +1,164 @@
+"""`autoglm-tune bench` for real: a tiny llama.cpp model, one round, the configurations that touch the machine
+(hugetlb reservation, the recipe's sysctls and zswap, the plan applied and rolled back through the root helper,
+the model started by `autoglm-tune launch`), and the check that every setting is back afterwards — also after a
+SIGTERM in the middle of a run. Performance figures are never asserted, only that they were measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from autoglm_tune import bench
+from support import CLI
+
+CGROUPS = Path("/sys/fs/cgroup/memory")
+pytestmark = pytest.mark.usefixtures("machine_put_back")
+
+
+def machine(model: Path) -> dict[str, Any]:
+    """Everything the bench may change or leave behind."""
+    return {
+        "settings": bench.read_settings(bench.setting_paths()),
+        "swaps": bench.read_swaps(),
+        "hugepages": Path("/proc/sys/vm/nr_hugepages").read_text().strip(),
+        "cgroups": sorted(p.name for p in CGROUPS.glob("autoglm-bench-*")) if CGROUPS.is_dir() else [],
+        "processes": processes_mentioning(str(model)),
+    }
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def total_mib() -> int:
+    return bench.meminfo()["MemTotal"] // 1024
+
+
+def bench_argv(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [CLI, "bench", "--model", str(model), "--rounds", "1", "--tokens", "8", "--context", "512",
+            "--ram-mib", str(total_mib() - 512), "--desktop-mib", "64", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out"), *extra]
+
+
+def env_with(address: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return env | {"DBUS_SYSTEM_BUS_ADDRESS": address}
+
+
+def test_smoke_run_measures_applies_and_restores_everything(
+    tiny_model: Path, bus_address: str, tmp_path: Path
+) -> None:
+    before = machine(tiny_model)
+    docs = tmp_path / "BENCHMARKS.md"
+    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "limit,untuned,recipe,autoglm-tune",
+                      "--docs", str(docs), "--preliminary", "CI smoke run")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env_with(bus_address), timeout=600)
+    after = machine(tiny_model)
+    assert done.returncode == 0, done.stderr
+    assert after == before, "the bench left the machine changed"
+    assert "restored" in done.stdout and "verified" in done.stdout
+
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["config"]: r for r in doc["runs"]}
+    assert set(runs) == {"limit", "untuned", "recipe", "autoglm-tune"}
+    for config, r in runs.items():
+        assert r["ok"], (config, r.get("error"))
+        assert r["tokens"] == 8 and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        assert r["oom_kills"] == 0 and r["desktop_alive"] is True
+    # the RAM cap and the settings were live while the capped runs measured
+    seen = {config: r["settings"] for config, r in runs.items()}
+    assert runs["limit"].get("hugepages") is None and seen["limit"]["vm.nr_hugepages"] == "0"
+    for config in ("untuned", "recipe", "autoglm-tune"):
+        assert runs[config]["hugepages"] > 0 and seen[config]["vm.nr_hugepages"] == str(runs[config]["hugepages"])
+    assert seen["untuned"]["vm.swappiness"] == before["settings"]["vm.swappiness"]
+    assert (seen["recipe"]["vm.swappiness"], seen["recipe"]["vm.vfs_cache_pressure"]) == ("20", "50")
+    assert seen["recipe"]["zswap.enabled"] == "Y"
+    assert runs["autoglm-tune"]["txid"] and seen["autoglm-tune"]["zswap.enabled"] == "Y"
+    assert seen["autoglm-tune"]["vm.swappiness"] == "133"  # the planner's rule with zswap on
+    assert doc["restored"]["problems"] == [] and doc["interrupted"] is None
+
+    text = docs.read_text()
+    assert text == bench.splice(None, (tmp_path / "out" / "BENCHMARKS.md").read_text())
+    assert "**Preliminary, noisy:** CI smoke run" in text and "| mild | autoglm-tune | 1 (0) |" in text
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_mid_run_restores_everything(tiny_model: Path, bus_address: str, tmp_path: Path) -> None:
+    before = machine(tiny_model)
+    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "recipe,autoglm-tune",
+                      "--tokens", "200")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with(bus_address))
+    try:
+        # wait until a run has the machine changed: the RAM reserved and the server measuring
+        deadline = time.monotonic() + 300
+        while not (Path("/proc/sys/vm/nr_hugepages").read_text().strip() != "0"
+                   and processes_mentioning(str(tiny_model))):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the bench never reached a run"
+            time.sleep(0.05)
+        changed = bench.read_settings(bench.setting_paths())
+        assert changed != before["settings"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "verified" in out
+    assert machine(tiny_model) == before, "the bench left the machine changed after SIGTERM"
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["interrupted"] == signal.SIGTERM and doc["restored"]["problems"] == []
+    assert not list((tmp_path / "work").glob("*.swap"))
+
+
+def test_cgroup_fallback_caps_the_workload_instead(tiny_model: Path, bus_address: str, tmp_path: Path) -> None:
+    before = machine(tiny_model)
+    ram = total_mib() - 512
+    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "untuned", "--emulate", "cgroup")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env_with(bus_address), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert machine(tiny_model) == before
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    (run,) = doc["runs"]
+    assert run["ok"] and run["settings"]["vm.nr_hugepages"] == "0" and "hugepages" not in run
+    assert run["cgroup_limit_mib"] == ram and doc["emulation"]["how"] == "cgroup"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--scenario", "huge"], "--scenario"),
+        (["--config", "limit,fast"], "--config"),
+        (["--model", "/nonexistent/model.gguf"], "--model"),
+        (["--model-size", "7b"], "--model-size"),
+        (["--rounds", "0"], "--rounds"),
+        (["--ram-mib", "64"], "--ram-mib"),
+        (["--emulate", "zram"], "--emulate"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_flag(args: list[str], flag: str, root: None) -> None:
+    before = bench.read_settings(bench.setting_paths())
+    done = subprocess.run([CLI, "bench", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "allowed" in lines[0], done.stderr
+    assert bench.read_settings(bench.setting_paths()) == before
