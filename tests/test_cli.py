@@ -87,7 +87,8 @@ def test_diff_exit_status_follows_the_plan(tmp_path: Path) -> None:
     keep_all = policy(
         tmp_path,
         '[vm]\nswappiness = "keep"\nvfs_cache_pressure = "keep"\npage-cluster = "keep"\n'
-        '[zswap]\nenabled = "keep"\n[swap]\nprioritize = false\nfile = "off"\n'
+        '[zswap]\nenabled = "keep"\ncompressor = "keep"\nmax_pool_percent = "keep"\nshrinker_enabled = "keep"\n'
+        '[swap]\nprioritize = false\nfile = "off"\n'
         "[services]\ndisable = []\n",
     )
     proc = run("diff", "--policy", keep_all)

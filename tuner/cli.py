@@ -15,7 +15,9 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer
 
+from .bench_cli import register as register_bench
 from .cli_helper import register
+from .cli_system import register as register_system
 from .errors import EXIT_DIFFERS, BadInput, TuneError
 
 app = typer.Typer(
@@ -28,7 +30,8 @@ app = typer.Typer(
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
 SysrootOpt = Annotated[Path | None, typer.Option("--sysroot", help="Read facts from a snapshot tree laid out like /.")]
 FactsOpt = Annotated[
-    Path | None, typer.Option("--facts", help="Read facts from the JSON of an earlier 'facts --json'.")
+    Path | None,
+    typer.Option("--facts", help="Read facts from the JSON of an earlier 'facts --json' (plan: or a folder of them)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -83,6 +86,34 @@ def facts(
     typer.echo(f.to_json() if json_out else render.facts_text(f), nl=False)
 
 
+def _plan_folder(policy_file: Path | None, sysroot: Path | None, folder: Path, json_out: bool, toml_out: bool) -> str:
+    """Plan every *.json facts file in `folder` (a fleet's collected facts): JSON keyed by file name, or per host
+    the changes. Every file is read and planned before anything is printed: one bad file, one error line."""
+    from . import render
+    from .facts import facts_from_json
+    from .planner import make_plan
+    from .policy import load_policy
+
+    if sysroot is not None:
+        raise BadInput("--sysroot and --facts: give one source of facts, not both")
+    if toml_out:
+        raise BadInput(f"--facts {folder}: --toml writes one plan; allowed with a folder: text or --json")
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise BadInput(f"--facts {folder}: no *.json file; expected one 'facts --json' output per host")
+    policy = load_policy(policy_file)
+    plans = {}
+    for path in files:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"--facts {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        plans[path.name] = make_plan(facts_from_json(text, f"--facts {path}"), policy)
+    if json_out:
+        return render.to_json({name: p.to_dict() for name, p in plans.items()})
+    return "".join(f"{p.host or 'unknown host'} ({name}): {render.diff_text(p)}" for name, p in plans.items())
+
+
 @app.command()
 def plan(
     policy: PolicyOpt = None,
@@ -92,19 +123,22 @@ def plan(
     toml_out: Annotated[bool, typer.Option("--toml", help="Print TOML.")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan to FILE.")] = None,
 ) -> None:
-    """The tuning plan, each change with its reason."""
+    """The tuning plan, each change with its reason. With --facts DIR: a summary for every host's facts file."""
     from . import render
 
     try:
         if json_out and toml_out:
             raise BadInput("--json and --toml: choose one output format")
-        p = _plan(policy, sysroot, facts_file)
-        if toml_out:
-            text = render.plan_toml(p)
-        elif json_out:
-            text = render.to_json(p.to_dict())
+        if facts_file is not None and facts_file.is_dir():
+            text = _plan_folder(policy, sysroot, facts_file, json_out, toml_out)
         else:
-            text = render.plan_text(p, color=output is None and _color())
+            p = _plan(policy, sysroot, facts_file)
+            if toml_out:
+                text = render.plan_toml(p)
+            elif json_out:
+                text = render.to_json(p.to_dict())
+            else:
+                text = render.plan_text(p, color=output is None and _color())
         if output is not None:
             try:
                 output.write_text(text)
@@ -133,6 +167,8 @@ def diff(
 
 
 register(app)
+register_bench(app)
+register_system(app)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
