@@ -407,16 +407,9 @@ class Guard:
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        from .launch import stop_group
+
+        stop_group(proc, grace)
         if proc in self.procs:
             self.procs.remove(proc)
 

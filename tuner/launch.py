@@ -515,9 +515,9 @@ class _Stop:
             signal.signal(s, handler)
 
 
-def _stop(proc: Any) -> None:
+def stop_group(proc: Any, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM to the server's process group, SIGKILL after a grace period; reap it."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
@@ -581,7 +581,7 @@ def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: Text
         return 0
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_group(proc)
         stop.restore()
 
 
