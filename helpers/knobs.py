@@ -119,7 +119,7 @@ def check(step: Step, where: str) -> None:
         if step["area"] not in areas:
             raise CatalogueError(f"{where}.area", f"{step['area']!r} is not an active swap area", ", ".join(areas))
         used, available = areas[step["area"]][1], _meminfo("MemAvailable")
-        if used * 1.2 + SWAPOFF_MARGIN_KIB > available:
+        if not swapoff_fits(used, available):
             raise CatalogueError(
                 f"{where}.area",
                 f"{used} KiB in use would not fit back into memory ({available} KiB available)",
@@ -146,6 +146,11 @@ def check(step: Step, where: str) -> None:
         while not os.path.exists(directory):
             step["dirs"].insert(0, directory)
             directory = os.path.dirname(directory)
+
+
+def swapoff_fits(used_kib: int, available_kib: int) -> bool:
+    """swapoff faults every page of the area back into RAM: only when they fit, with 20 % and 64 MiB to spare."""
+    return used_kib * 1.2 + SWAPOFF_MARGIN_KIB <= available_kib
 
 
 def swap_header(size: int, page: int) -> bytes:

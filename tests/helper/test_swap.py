@@ -117,3 +117,13 @@ def test_swap_file_on_a_filesystem_that_cannot_hold_one_is_refused(helper: Helpe
     finally:
         subprocess.run(["umount", str(directory)], check=True)
         directory.rmdir()
+
+
+def test_swapoff_guard_arithmetic() -> None:
+    """The refusal itself cannot be provoked here (24 GiB free); its rule is checked at the boundary."""
+    from autoglm_helper.knobs import SWAPOFF_MARGIN_KIB, swapoff_fits
+
+    assert swapoff_fits(0, SWAPOFF_MARGIN_KIB)
+    assert not swapoff_fits(0, SWAPOFF_MARGIN_KIB - 1)
+    assert swapoff_fits(1_000_000, 1_200_000 + SWAPOFF_MARGIN_KIB)
+    assert not swapoff_fits(1_000_000, 1_200_000 + SWAPOFF_MARGIN_KIB - 1)
