@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from autoglm_tune import bench
-from support import CLI
+from support import CLI, processes_mentioning
 
 CGROUPS = Path("/sys/fs/cgroup/memory")
 pytestmark = pytest.mark.usefixtures("machine_put_back")
@@ -32,19 +32,6 @@ def machine(model: Path) -> dict[str, Any]:
     }
 
 
-def processes_mentioning(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 def total_mib() -> int:

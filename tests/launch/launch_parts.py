@@ -40,20 +40,6 @@ def launch(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.
     return subprocess.run([CLI, "launch", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def processes_mentioning(marker: str) -> list[int]:
-    """PIDs whose command line contains `marker` (a unique temp path): what a test may have left running."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in cmdline and state != "Z":
-            found.append(int(entry))
-    return found
 
 
 def thread_view(pid: int, tid: int) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch_parts import cli_env, free_port, launch, processes_mentioning, write_policy
+from launch_parts import cli_env, free_port, launch, write_policy
+from support import processes_mentioning
 
 
 def assert_refused(proc: subprocess.CompletedProcess[str], marker: str, *needles: str) -> None:

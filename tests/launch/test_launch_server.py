@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from launch_parts import cli_env, free_port, ioprio_of, launch, processes_mentioning, thread_view, write_policy
-from support import CLI
+from launch_parts import cli_env, free_port, ioprio_of, launch, thread_view, write_policy
+from support import CLI, processes_mentioning
 
 
 def server_policy(tmp_path: Path, model: Path, llama_python: Path, **process: object) -> Path:
