@@ -149,7 +149,7 @@ def test_spec_argv_environment_and_dropped_arguments() -> None:
         "--alias",
         "model-1-3",
     ]
-    assert spec.environment == {"OMP_NUM_THREADS": "3", "EXTRA": "0xe"}
+    assert spec.environment == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE", "EXTRA": "0xe"}
     assert spec.health_url == "http://127.0.0.1:8080/health"
     assert spec.settings.cpus == (1, 2, 3) and spec.settings.to_dict()["cpu_list"] == "1-3"
     no_mmap = launch.build_spec(
