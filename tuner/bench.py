@@ -413,6 +413,11 @@ class Guard:
         if proc in self.procs:
             self.procs.remove(proc)
 
+    def adopt_live(self) -> None:
+        """The live values are what the bench wrote: after a tuner the bench started (TuneD) has stopped, its
+        writes are the bench's to undo, not another process's to leave alone."""
+        self.expected.update(read_settings(self.paths))
+
     def rollback(self, txid: str) -> None:
         """Through the helper; when it refuses (another process changed a value since: drift), the settings are
         put back knob by knob by `reset_settings`, which leaves the other process's values alone."""
@@ -843,6 +848,8 @@ class Bench:
         finally:
             for proc in reversed(started):
                 self.g.stop(proc)
+            if key.config == "tuned":
+                self.g.adopt_live()
             if txid is not None:
                 self.g.rollback(txid)
             self.g.reset_settings()

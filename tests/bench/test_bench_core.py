@@ -126,3 +126,25 @@ def test_restore_puts_back_its_own_values_and_leaves_another_process_s_alone(tmp
         problems = guard.restore()
     assert a.read_text() == "1" and b.read_text() == "7"
     assert problems == [] and guard.notes == ["x.b was changed by another process during the bench (to 7); left alone"]
+
+
+def test_what_a_tuner_the_bench_started_wrote_is_restored(tmp_path: Path) -> None:
+    """TuneD writes vm.swappiness itself: once it has stopped, its value is the bench's to undo (before this was
+    adopted, a swappiness of 10 stayed for every later run of every configuration)."""
+    a = tmp_path / "a"
+    a.write_text("60")
+    guard = bench.Guard()
+    try:
+        guard.paths = {"vm.swappiness": str(a)}
+        guard.settings = {"vm.swappiness": "60"}
+        guard.set("vm.swappiness", "20")  # an earlier configuration (recipe)
+        guard.reset_settings()
+        guard.touched.update(guard.paths)  # start_tuned
+        a.write_text("10")  # TuneD's throughput-performance
+        guard.adopt_live()
+        guard.reset_settings()
+        assert a.read_text() == "60"
+    finally:
+        guard.swaps = bench.read_swaps()
+        problems = guard.restore()
+    assert problems == [] and guard.notes == []
