@@ -141,6 +141,9 @@ SCALAR_KNOBS: dict[str, Knob] = {
         _zswap("max_pool_percent", "int", 1, 100, "pool limit, percent of total RAM"),
         _zswap("accept_threshold_percent", "int", 1, 100, "refill hysteresis, percent of the pool"),
         _zswap("shrinker_enabled", "bool", doc="write cold entries back to disk under pressure"),
+        # an int, not a bool: the sysctl takes 0/1, not Y/N
+        Knob("kernel.task_delayacct", "proc/sys/kernel/task_delayacct", "int", 0, 1,
+             doc="per-task delay accounting (swap-in, block I/O) for taskstats; off by default since 5.14"),
     )
 }
 
@@ -218,5 +221,12 @@ IO_CLASSES = ("none", "realtime", "best-effort", "idle")
 NICE_RANGE = (-20, 19)
 IO_PRIORITY_RANGE = (0, 7)
 OOM_SCORE_ADJ_RANGE = (-1000, 1000)
+# What the helper grants a caller for the caller's own model process (SetProcess, StartModel). Narrower
+# than the kernel's: below nice -10 sit audio and system daemons; oom_score_adj -1000 makes a process
+# unkillable, so the floor leaves the OOM killer a last resort.
+MODEL_NICE_RANGE = (-10, 19)
+MODEL_OOM_SCORE_ADJ_RANGE = (-900, 1000)
+MODEL_MEMORY_SHARE_MAX = 0.75  # MemoryLow= and LimitMEMLOCK=: a quarter of RAM stays reclaimable for the rest
+MODEL_UNIT_PREFIX = "autoglm-model-"  # transient model units: autoglm-model-<uid>-<port>.service
 
 KNOB_NAMES: tuple[str, ...] = (*SCALAR_KNOBS, SWAP_PRIORITY.name, SWAP_FILE_SIZE.name, "unit")

@@ -22,17 +22,27 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
+from . import model
 from .transaction import Engine, HelperError
 from .units import SYSTEMD, Systemd
 
 BUS_NAME = INTERFACE = "io.github.autoglm_tune.Helper1"
 OBJECT_PATH = "/io/github/autoglm_tune/Helper1"
 ERROR_PREFIX = INTERFACE + ".Error."
-ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback"}
+MODEL_ACTION = "io.github.autoglm_tune.model"
+# The polkit action each changing method needs (Status and ProcessDelays only read, for the owner).
+# StopModel needs no action: only the unit's owner may stop it (a launcher must be able to stop what it started).
+ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback",
+           "SetProcess": MODEL_ACTION, "StartModel": MODEL_ACTION}
+DRY_RUN_ARG = {"Apply": 1, "Rollback": 1, "SetProcess": 2}  # where the dry_run flag is: no authorization needed
 SIGNATURES = {
     "Apply": ("sbb", "plan_json dry_run force"),
     "Rollback": ("sbb", "txid dry_run force"),
     "Status": ("", ""),
+    "SetProcess": ("usb", "pid settings_json dry_run"),
+    "StartModel": ("sh", "unit_json log_fd"),
+    "StopModel": ("s", "unit"),
+    "ProcessDelays": ("u", "pid"),
 }
 DEFAULT_STATE_DIR = "/var/lib/autoglm-tune"
 log = logging.getLogger("autoglm-tune-helper")
@@ -120,6 +130,8 @@ class Helper:
     def on_message(self, msg: Message) -> bool | None:
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
                 or msg.interface != INTERFACE or msg.member not in SIGNATURES):
+            for fd in msg.unix_fds:  # descriptors sent along with anything else are not kept open
+                os.close(fd)
             return None
         task = asyncio.ensure_future(self.serve(msg))
         self.tasks.add(task)
@@ -137,19 +149,14 @@ class Helper:
                 wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
                 raise HelperError("InvalidArgs", f"{msg.member}: arguments ({msg.signature}) do not match; "
                                   f"allowed: ({wanted})")
-            if msg.member == "Status":
-                report = {"result": "status", **await asyncio.to_thread(self.engine.status)}
-            else:
-                text, dry_run, force = msg.body
-                if not dry_run:
-                    await self.authorize(msg.sender, caller, ACTIONS[msg.member])
-                async with self.lock:
-                    if msg.member == "Apply":
-                        report = await asyncio.to_thread(self.engine.apply, text, dry_run, force, caller)
-                    else:
-                        report = await asyncio.to_thread(self.engine.rollback, text, dry_run, force)
+            if msg.member in ACTIONS and not (msg.member in DRY_RUN_ARG and msg.body[DRY_RUN_ARG[msg.member]]):
+                await self.authorize(msg.sender, caller, ACTIONS[msg.member])
+            report = await self.call(msg, caller)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
+        except OSError as exc:  # systemd refused or a /proc write failed: the caller gets the reason
+            reply = Message.new_error(msg, ERROR_PREFIX + "Failed", str(exc))
+            result, detail = "error", str(exc)
         except HelperError as exc:
             report = exc.report
             reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, str(exc))
@@ -158,12 +165,37 @@ class Helper:
             log.exception("%s failed", msg.member)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
             result, detail = "error", repr(exc)
+        for fd in msg.unix_fds:  # systemd holds its own copy of a passed log descriptor
+            os.close(fd)
         self.audit(caller, msg.member, report, result, detail)
         self.bus.send(reply)
         if result in ("committed", "rolled-back", "conflict") and report.get("txid"):
             self.interface.Changed(report["txid"])
         self.busy -= 1
         self.last_call = time.monotonic()
+
+    async def call(self, msg: Message, caller: dict[str, Any]) -> dict[str, Any]:
+        """Run one authorized method; the engine and systemd calls run in a worker thread."""
+        body, uid = msg.body, caller["uid"]
+        if msg.member == "Status":
+            return {"result": "status", **await asyncio.to_thread(self.engine.status)}
+        if msg.member == "SetProcess":
+            return await asyncio.to_thread(model.set_process, body[0], uid, model.process_request(body[1]), body[2])
+        if msg.member == "ProcessDelays":
+            return await asyncio.to_thread(model.process_delays, body[0], uid)
+        if msg.member == "StopModel":
+            return await asyncio.to_thread(model.stop_model, self.engine.systemd, body[0], uid)
+        async with self.lock:
+            if msg.member == "StartModel":
+                if not 0 <= body[1] < len(msg.unix_fds):
+                    raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
+                                      "open for writing")
+                request = model.unit_request(body[0], os.cpu_count() or 1, model.mem_total())
+                return await asyncio.to_thread(model.start_model, self.engine.systemd, request, uid,
+                                               msg.unix_fds[body[1]])
+            if msg.member == "Apply":
+                return await asyncio.to_thread(self.engine.apply, body[0], body[1], body[2], caller)
+            return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])
 
     async def recover(self) -> None:
         """Roll back what a crash left pending (unit steps need systemd, so this runs once connected)."""
@@ -173,7 +205,7 @@ class Helper:
             self.audit({"uid": 0, "pid": os.getpid()}, "Recover", report, tx["state"], "left pending by a crash")
 
     async def run(self) -> None:
-        self.bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        self.bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
         owned = await self._dbus("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                                  "NameHasOwner", "s", [SYSTEMD])
         if owned.message_type == MessageType.METHOD_RETURN and owned.body[0]:

@@ -42,8 +42,10 @@ class Systemd:
         self.bus = bus
         self.loop = loop
 
-    def _call(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> Message:
-        msg = Message(destination=SYSTEMD, path=path, interface=iface, member=member, signature=sig, body=body)
+    def _call(self, path: str, iface: str, member: str, sig: str, body: list[Any], fds: list[int] | None = None
+              ) -> Message:
+        msg = Message(destination=SYSTEMD, path=path, interface=iface, member=member, signature=sig, body=body,
+                      unix_fds=fds or [])
         return asyncio.run_coroutine_threadsafe(self.bus.call(msg), self.loop).result(CALL_TIMEOUT)
 
     def manager(self, member: str, sig: str = "", *args: Any) -> list[Any]:
@@ -76,7 +78,20 @@ class Systemd:
 
     def run_job(self, member: str, unit: str) -> None:
         """StartUnit/StopUnit in mode replace, and wait until the job is gone."""
-        job = self.manager(member, "ss", unit, "replace")[0]
+        self.wait_job(self.manager(member, "ss", unit, "replace")[0], f"{member} {unit}")
+
+    def start_transient(self, unit: str, properties: list[list[Any]], fds: list[int]) -> None:
+        """StartTransientUnit in mode fail, and wait for its job. FileExistsError: a unit of that name is loaded."""
+        reply = self._call(*MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", properties, []], fds)
+        if reply.error_name == "org.freedesktop.systemd1.UnitExists":
+            raise FileExistsError(unit)
+        if reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply.body else ""
+            raise OSError(f"systemd StartTransientUnit {unit}: {reply.error_name}: {detail}")
+        self.wait_job(reply.body[0], f"StartTransientUnit {unit}")
+
+    def wait_job(self, job: str, what: str) -> None:
+        """Wait until the job object is gone (finished, whatever its result)."""
         deadline = time.monotonic() + JOB_TIMEOUT
         while True:
             reply = self._call(job, "org.freedesktop.DBus.Properties", "Get", "ss",
@@ -84,7 +99,7 @@ class Systemd:
             if reply.message_type == MessageType.ERROR:  # the job object is gone: finished
                 return
             if time.monotonic() > deadline:
-                raise OSError(f"systemd {member} {unit}: the job did not finish in {JOB_TIMEOUT:.0f} s")
+                raise OSError(f"systemd {what}: the job did not finish in {JOB_TIMEOUT:.0f} s")
             time.sleep(0.02)
 
     # ---- the knob interface the engine uses (like knobs.py) -----------------------------

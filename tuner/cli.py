@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from types import ModuleType
+from typing import Annotated, Any
 
 # Plain one-line usage errors instead of rich panels (and a faster start); set before typer loads.
 os.environ.setdefault("TYPER_USE_RICH", "0")
@@ -201,7 +203,10 @@ def launch(
         model = pol["model"]
         preset = load_preset(model["preset"])
         model_file = lc.check_model_path(model, preset, cmd)
-        spec = lc.build_spec(p.process, model, preset, lc.gather(model_file), cmd)
+        machine = lc.gather(model_file)
+        if unit:  # a persistent unit: decided as for a transient one (MemoryLow=, LimitMEMLOCK=, MemoryHigh=)
+            model, machine = {**model, "supervisor": "systemd"}, replace(machine, systemd_helper=True)
+        spec = lc.build_spec(p.process, model, preset, machine, cmd)
         spec = lc.resolve_program(spec, shutil.which, required=not dry_run)
         if unit:
             template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
@@ -224,10 +229,26 @@ def launch(
                 typer.echo(lc.spec_text(spec), nl=False)
             return
         lc.print_warnings(spec)
-        code = lc.run(spec, log or lc.default_log(), json_out, sys.stdout, sys.stderr)
+        code = _start(lc, spec, model, log or lc.default_log(), json_out)
     except TuneError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
+
+
+def _start(lc: ModuleType, spec: Any, model: dict[str, Any], log: Path, json_out: bool) -> int:
+    """As a transient unit through the root helper, or as our child; under supervisor = "auto" a helper that does
+    not answer or does not allow it means our child, said plainly."""
+    from .helper_client import HelperUnreachable, NotAuthorized
+
+    if spec.supervisor == "systemd":
+        try:
+            return lc.run_unit(spec, log, json_out, sys.stdout, sys.stderr)
+        except (HelperUnreachable, NotAuthorized) as exc:
+            if model["supervisor"] != "auto":
+                raise
+            typer.echo(f"autoglm-tune: warning: {exc}; starting the model as a child of autoglm-tune", err=True)
+            spec = lc.as_child(spec)
+    return lc.run(spec, log, json_out, sys.stdout, sys.stderr)
 
 
 def main() -> None:

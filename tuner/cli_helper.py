@@ -155,13 +155,21 @@ def rollback(
     _run(json_out, body)
 
 
-def status(json_out: JsonOpt = False) -> None:
-    """Transactions (id, time, caller, state), what is applied now, and drift."""
+def status(
+    json_out: JsonOpt = False,
+    log: Annotated[Path | None, typer.Option("--log", help="The model's log, as given to 'launch --log'.")] = None,
+) -> None:
+    """Transactions (id, time, caller, state), what is applied now, drift, and the running model."""
 
     def body() -> int:
-        report = _client().status()
+        from .launch import default_log
+        from .model_status import model_lines, model_report
+
+        client = _client()
+        report = client.status()
+        model = model_report(log or default_log(), client.process_delays)
         if json_out:
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(json.dumps({**report, "model": model}, indent=2))
             return EXIT_OK
         typer.echo("transactions:" if report["transactions"] else "transactions: none")
         for tx in report["transactions"]:
@@ -171,6 +179,11 @@ def status(json_out: JsonOpt = False) -> None:
         for a in report["applied"]:
             mark = "" if a["live"] == a["new"] else f"   DRIFT: now {_show(a['live'])}"
             typer.echo(f"  {a['subject']:<40} {_show(a['old'])} → {_show(a['new'])}  ({a['txid']}){mark}")
+        if model is None:
+            typer.echo("model: not running (started by 'autoglm-tune launch' as this user)")
+        else:
+            for line in model_lines(model["record"], model["process"], model["delays"]):
+                typer.echo(line)
         return EXIT_OK
 
     _run(json_out, body)

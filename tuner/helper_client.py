@@ -63,14 +63,20 @@ def error_for(name: str, text: str) -> TuneError:
     return BUS_ERRORS.get(name, HelperUnreachable)(f"the root helper did not answer ({name}: {text})")
 
 
-async def _call(member: str, signature: str, body: list[Any]) -> dict[str, Any]:
+async def _call(member: str, signature: str, body: list[Any], fds: list[int] | None = None) -> dict[str, Any]:
     try:
-        bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=bool(fds)).connect()
     except Exception as exc:  # any failure to connect or authenticate means: no helper to talk to
         raise HelperUnreachable(f"cannot connect to the system bus: {exc}") from None
     try:
         msg = Message(
-            destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member=member, signature=signature, body=body
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=INTERFACE,
+            member=member,
+            signature=signature,
+            body=body,
+            unix_fds=fds or [],
         )
         reply = await asyncio.wait_for(bus.call(msg), CALL_TIMEOUT)
     except TimeoutError:
@@ -92,3 +98,22 @@ def rollback(txid: str, dry_run: bool, force: bool) -> dict[str, Any]:
 
 def status() -> dict[str, Any]:
     return asyncio.run(_call("Status", "", []))
+
+
+def set_process(pid: int, settings: dict[str, int], dry_run: bool) -> dict[str, Any]:
+    """Negative nice / oom_score_adj for the caller's own process, within the helper's bounds."""
+    return asyncio.run(_call("SetProcess", "usb", [pid, json.dumps(settings), dry_run]))
+
+
+def start_model(unit: dict[str, Any], log_fd: int) -> dict[str, Any]:
+    """The model as a transient systemd unit run as the caller; its output goes to `log_fd`."""
+    return asyncio.run(_call("StartModel", "sh", [json.dumps(unit), 0], [log_fd]))
+
+
+def stop_model(unit: str) -> dict[str, Any]:
+    return asyncio.run(_call("StopModel", "s", [unit]))
+
+
+def process_delays(pid: int) -> dict[str, Any]:
+    """Swap-in and block-I/O delays of the caller's process (taskstats needs root)."""
+    return asyncio.run(_call("ProcessDelays", "u", [pid]))

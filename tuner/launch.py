@@ -14,7 +14,9 @@ import errno
 import http.client
 import json
 import os
+import re
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from autoglm_helper.catalogue import MODEL_MEMORY_SHARE_MAX, MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from . import gguf, procsettings
+from . import gguf, model_status, procsettings
 from .errors import BadInput, TuneError
 from .planner import ProcessPlan
 from .policy import AUTO
@@ -40,6 +43,8 @@ from .procsettings import ProcessSettings, cpu_mask, cpu_ranges
 MIB = 1 << 20
 CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_IPC_LOCK = 21, 23, 24, 14
 STOP_GRACE_S = 10.0
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what the helper accepts in a unit's environment
+HELPER_ACTIVATION_FILE = "/usr/share/dbus-1/system-services/io.github.autoglm_tune.Helper1.service"
 LOG_TAIL_LINES = 15
 
 
@@ -65,6 +70,9 @@ class Machine:
     model_bytes: int | None  # size of the model file (None: no model file)
     shape: gguf.ModelShape | None  # from the GGUF header, when the model is a GGUF file
     schedulers: dict[str, str | None]  # disks under the model file → active I/O scheduler
+    mem_total: int | None = None  # bytes, MemTotal
+    systemd_helper: bool = False  # systemd is PID 1 and the root helper is installed: a transient unit is possible
+    cgroup_v2: bool = False  # the unified hierarchy: MemoryLow=/MemoryHigh= act
 
 
 @dataclass(frozen=True)
@@ -112,10 +120,14 @@ class LaunchSpec:
     port: int
     health_url: str
     settings: ProcessSettings
-    keep_resident: str  # "mlock" or "none", decided
+    keep_resident: str  # "mlock", "memory-low" or "none", decided
     mmap: bool
     memory: MemoryFit | None
     ready_timeout_s: int
+    supervisor: str = "launch"  # "launch" (our child) or "systemd" (a transient unit through the helper)
+    memory_low: int = 0  # bytes for MemoryLow= (0: none)
+    memory_high: int = 0  # bytes for MemoryHigh= (0: none)
+    mem_total: int | None = None  # bytes, bounds the unit's LimitMEMLOCK=
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     expected_denials: list[str] = field(default_factory=list)  # for --dry-run; a launch reports the real ones
@@ -129,7 +141,10 @@ class LaunchSpec:
             "port": self.port,
             "health_url": self.health_url,
             "process": self.settings.to_dict(),
+            "supervisor": self.supervisor,
             "keep_resident": self.keep_resident,
+            "memory_low": self.memory_low,
+            "memory_high": self.memory_high,
             "mmap": self.mmap,
             "memory": self.memory.to_dict() if self.memory else None,
             "ready_timeout_s": self.ready_timeout_s,
@@ -164,12 +179,39 @@ def _has(cap_eff: int, cap: int) -> bool:
     return bool(cap_eff >> cap & 1)
 
 
-def _keep_resident(wanted: str, machine: Machine, fit: MemoryFit | None) -> tuple[str, str | None]:
-    """("mlock" | "none", a warning or note). mlock keeps the weights out of swap, where they do not
-    compress and every token would pay for the swap-in (research kernel-and-platform.md §9)."""
+def _supervisor(wanted: str, machine: Machine) -> str:
+    if wanted == "systemd" and not machine.systemd_helper:
+        raise BadInput(
+            '[model] supervisor = "systemd": needs systemd as PID 1 and the root helper installed '
+            '(autoglm-tune system install); allowed: "launch" or "auto"'
+        )
+    return "systemd" if wanted == "systemd" or (wanted == AUTO and machine.systemd_helper) else "launch"
+
+
+def _keep_resident(wanted: str, machine: Machine, fit: MemoryFit | None, supervisor: str) -> tuple[str, str | None]:
+    """("mlock" | "memory-low" | "none", a warning or note). Both keep the weights out of swap, where they do
+    not compress and every token would pay for the swap-in (research kernel-and-platform.md §9). mlock does
+    not cover the CPU-repacked copy of Q4_0 weights (docs/BENCHMARKS.md); MemoryLow= protects the whole
+    cgroup, so it is preferred where it acts: in a unit, on cgroup v2."""
     if wanted == "none" or fit is None:
         return "none", None
-    lockable = _has(machine.cap_eff, CAP_IPC_LOCK) or machine.memlock_hard is None or machine.memlock_hard >= fit.need
+    in_unit = supervisor == "systemd"
+    if wanted == "memory-low" or (wanted == AUTO and in_unit and machine.cgroup_v2):
+        if not in_unit:
+            return "none", (
+                'keep_resident = memory-low needs the model in a systemd unit ([model] supervisor = "systemd", '
+                "or launch --unit); the server runs unprotected"
+            )
+        if not machine.cgroup_v2:
+            return "memory-low", "keep_resident = memory-low: MemoryLow= has no effect on a cgroup v1 host; use mlock"
+        return "memory-low", None
+    # a unit gets LimitMEMLOCK= from systemd (the helper allows up to 3/4 of RAM)
+    lockable = (
+        in_unit
+        or _has(machine.cap_eff, CAP_IPC_LOCK)
+        or machine.memlock_hard is None
+        or machine.memlock_hard >= fit.need
+    )
     limit = "unlimited" if machine.memlock_hard is None else _mib(machine.memlock_hard)
     if wanted == "mlock":
         if lockable:
@@ -185,15 +227,44 @@ def _keep_resident(wanted: str, machine: Machine, fit: MemoryFit | None) -> tupl
     return "mlock", None
 
 
+def helper_bounds(nice: int, oom_score_adj: int) -> tuple[int, int, list[str]]:
+    """nice and oom_score_adj within what the root helper grants (catalogue), with a warning for each cut."""
+    warnings = []
+    if nice < MODEL_NICE_RANGE[0]:
+        warnings.append(f"nice = {nice} is below the root helper's floor; the model gets {MODEL_NICE_RANGE[0]}")
+        nice = MODEL_NICE_RANGE[0]
+    if oom_score_adj < MODEL_OOM_SCORE_ADJ_RANGE[0]:
+        warnings.append(
+            f"oom_score_adj = {oom_score_adj} is below the root helper's floor; the model gets "
+            f"{MODEL_OOM_SCORE_ADJ_RANGE[0]}"
+        )
+        oom_score_adj = MODEL_OOM_SCORE_ADJ_RANGE[0]
+    return nice, oom_score_adj, warnings
+
+
+def _memory_low(fit: MemoryFit | None, keep: str, machine: Machine, warnings: list[str]) -> int:
+    """MemoryLow= for keep_resident memory-low: model + KV cache, at most what the helper grants."""
+    if fit is None or keep != "memory-low":
+        return 0
+    if machine.mem_total and fit.need > machine.mem_total * MODEL_MEMORY_SHARE_MAX:
+        cap = int(machine.mem_total * MODEL_MEMORY_SHARE_MAX)
+        warnings.append(f"MemoryLow= is cut to {_mib(cap)} (3/4 of RAM) from the {_mib(fit.need)} the model needs")
+        return cap
+    return fit.need
+
+
 def predicted_denials(s: ProcessSettings, cap_eff: int) -> list[str]:
     """Settings this process is expected to be refused (research §5), for --dry-run."""
     out = []
     if s.nice < 0 and not _has(cap_eff, CAP_SYS_NICE):
-        out.append(f"nice = {s.nice} will probably be refused: lowering nice needs CAP_SYS_NICE or RLIMIT_NICE")
+        out.append(
+            f"nice = {s.nice} will probably be refused before exec: lowering nice needs CAP_SYS_NICE or RLIMIT_NICE; "
+            "launch then asks the root helper"
+        )
     if s.oom_score_adj < 0 and not _has(cap_eff, CAP_SYS_RESOURCE):
         out.append(
-            f"oom_score_adj = {s.oom_score_adj} will be refused: lowering it below 0 needs CAP_SYS_RESOURCE, "
-            "which this process lacks"
+            f"oom_score_adj = {s.oom_score_adj} will be refused before exec: lowering it below 0 needs "
+            "CAP_SYS_RESOURCE, which this process lacks; launch then asks the root helper"
         )
     if s.io_class == "realtime" and not _has(cap_eff, CAP_SYS_ADMIN):
         out.append("io_class = realtime will be refused: it needs CAP_SYS_ADMIN")
@@ -264,19 +335,33 @@ def build_spec(
             f"[model] context_size = {model['context_size']} exceeds the {trained} tokens the model was trained "
             "for; output degrades beyond it"
         )
-    keep, why = _keep_resident(model["keep_resident"], machine, fit)
+    supervisor = _supervisor(model["supervisor"], machine)
+    keep, why = _keep_resident(model["keep_resident"], machine, fit, supervisor)
     if why:
-        (warnings if model["keep_resident"] == "mlock" else notes).append(why)
+        (warnings if model["keep_resident"] != AUTO else notes).append(why)
+    memory_high = model["memory_high_mib"] * MIB
+    if memory_high and supervisor != "systemd":
+        warnings.append(
+            "[model] memory_high_mib applies to a systemd unit only (supervisor systemd, or launch --unit); "
+            "the server runs without it"
+        )
+    if memory_high and machine.mem_total and memory_high > machine.mem_total:
+        warnings.append(f"[model] memory_high_mib is above MemTotal; MemoryHigh= is set to {_mib(machine.mem_total)}")
+        memory_high = machine.mem_total
+    nice, oom = process.nice, process.oom_score_adj
+    if supervisor == "systemd":  # the helper grants a unit no more than its bounds
+        nice, oom, clamped = helper_bounds(nice, oom)
+        warnings += clamped
     mmap = True if model["mmap"] == AUTO else model["mmap"]
     settings = ProcessSettings(
         cpus=tuple(process.cpus),
         threads=process.threads,
         sched_policy=process.sched_policy,
-        nice=process.nice,
+        nice=nice,
         io_class=process.io_class,
         io_priority=process.io_priority,
-        oom_score_adj=process.oom_score_adj,
-        raise_memlock=keep == "mlock",
+        oom_score_adj=oom,
+        raise_memlock=keep == "mlock" and supervisor == "launch",
     )
     model_path = model["model_path"]
     variables: dict[str, Any] = {
@@ -327,9 +412,13 @@ def build_spec(
         mmap=mmap,
         memory=fit,
         ready_timeout_s=model["ready_timeout_s"],
+        supervisor=supervisor,
+        memory_low=_memory_low(fit, keep, machine, warnings),
+        memory_high=memory_high,
+        mem_total=machine.mem_total,
         warnings=warnings,
         notes=notes,
-        expected_denials=predicted_denials(settings, machine.cap_eff),
+        expected_denials=predicted_denials(settings, machine.cap_eff) if supervisor == "launch" else [],
     )
 
 
@@ -355,10 +444,39 @@ def render_unit(spec: LaunchSpec, template: str) -> str:
         "io_priority": s.io_priority,
         "oom_score_adj": s.oom_score_adj,
         "mlock": spec.keep_resident == "mlock",
-        "memory_low": spec.memory.need if spec.memory and spec.keep_resident == "mlock" else None,
+        "memory_low": spec.memory.need if spec.memory and spec.keep_resident in ("mlock", "memory-low") else None,
+        "memory_high": spec.memory_high or None,
         "health_url": spec.health_url,
     }
     return render(template, variables, "policies/model.service.j2")
+
+
+def unit_request(spec: LaunchSpec, cwd: str, inherited: dict[str, str]) -> dict[str, Any]:
+    """What the root helper's StartModel gets: the transient unit's command and settings, run in `cwd` with the
+    launcher's environment `inherited` plus the spec's, as a child would be. Pure."""
+    s = spec.settings
+    memlock = 0
+    if spec.keep_resident == "mlock" and spec.memory is not None:
+        # twice the estimate: the CPU repack of Q4_0 weights is a second copy (docs/LAUNCH.md)
+        memlock = 2 * spec.memory.need
+        if spec.mem_total:
+            memlock = min(memlock, int(spec.mem_total * MODEL_MEMORY_SHARE_MAX))
+    return {
+        "argv": spec.argv,
+        "environment": {k: v for k, v in inherited.items() if ENV_NAME.fullmatch(k) and "\0" not in v}
+        | spec.environment,
+        "working_directory": cwd,
+        "port": spec.port,
+        "cpus": list(s.cpus),
+        "sched_policy": s.sched_policy,
+        "nice": s.nice,
+        "io_class": s.io_class,
+        "io_priority": s.io_priority,
+        "oom_score_adj": s.oom_score_adj,
+        "memory_low": spec.memory_low,
+        "memory_high": spec.memory_high,
+        "memlock": memlock,
+    }
 
 
 def spec_text(spec: LaunchSpec) -> str:
@@ -370,7 +488,10 @@ def spec_text(spec: LaunchSpec) -> str:
         *(f"env       {k}={v}" for k, v in sorted(spec.environment.items())),
         f"cpus      {cpu_ranges(s.cpus)} (mask {cpu_mask(s.cpus)}), threads {s.threads}",
         f"sched     {s.sched_policy}, nice {s.nice}, io {s.io_class}/{s.io_priority}, oom_score_adj {s.oom_score_adj}",
-        f"memory    keep_resident {spec.keep_resident}, mmap {str(spec.mmap).lower()}",
+        "runs as   " + ("a transient systemd unit (root helper)" if spec.supervisor == "systemd" else "our child"),
+        f"memory    keep_resident {spec.keep_resident}, mmap {str(spec.mmap).lower()}"
+        + (f", MemoryLow {_mib(spec.memory_low)}" if spec.memory_low else "")
+        + (f", MemoryHigh {_mib(spec.memory_high)}" if spec.memory_high else ""),
         f"ready     {spec.health_url} within {spec.ready_timeout_s} s",
         *(f"note      {n}" for n in spec.notes),
         *(f"warning   {w}" for w in spec.warnings + spec.expected_denials),
@@ -445,6 +566,9 @@ def gather(model_file: Path | None) -> Machine:
         model_bytes=size,
         shape=shape,
         schedulers=schedulers,
+        mem_total=mem.get("MemTotal"),
+        systemd_helper=os.path.isdir("/run/systemd/system") and os.path.exists(HELPER_ACTIVATION_FILE),
+        cgroup_v2=os.path.exists("/sys/fs/cgroup/cgroup.controllers"),
     )
 
 
@@ -529,14 +653,55 @@ def stop_group(proc: Any, grace: float = STOP_GRACE_S) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: TextIO) -> int:
-    """Start the server, wait for readiness, supervise until it exits or a signal asks it to stop."""
-    check_port(spec)
+def as_child(spec: LaunchSpec) -> LaunchSpec:
+    """The same launch without a unit (the helper did not answer): the unit-only memory settings fall away."""
+    keep = "mlock" if spec.keep_resident == "mlock" else "none"
+    settings = replace(spec.settings, raise_memlock=keep == "mlock")
+    return replace(spec, supervisor="launch", keep_resident=keep, memory_low=0, memory_high=0, settings=settings)
+
+
+def _open_log(log_path: Path) -> Any:
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("wb")
+        return log_path.open("wb")
     except OSError as exc:
         raise BadInput(f"--log {log_path}: cannot write ({exc.strerror})") from None
+
+
+class _Child:
+    """The server as our child process."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def exited(self) -> str | None:
+        rc = self.proc.poll()
+        return None if rc is None else f"exited with status {rc}"
+
+
+class _UnitMain:
+    """The server as the main process of a transient unit: not our child, so watched through a pidfd."""
+
+    def __init__(self, pid: int, unit: str) -> None:
+        self.pid = pid
+        self.unit = unit
+        self.pidfd = os.pidfd_open(pid)
+
+    def exited(self) -> str | None:
+        if select.select([self.pidfd], [], [], 0)[0]:
+            return f"exited ({self.unit}; systemctl status {self.unit})"
+        return None
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
+def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: TextIO) -> int:
+    """Start the server as our child, wait for readiness, supervise until it exits or a signal asks it to stop.
+    What this process may not set (negative nice, oom_score_adj) is asked of the root helper."""
+    check_port(spec)
+    log = _open_log(log_path)
     read_fd, write_fd = os.pipe()
     stop = _Stop()
     proc = None
@@ -558,31 +723,110 @@ def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: Text
             finally:
                 os.close(write_fd)
         with os.fdopen(read_fd, "rb") as reports:
-            for line in reports.read().decode().splitlines():
-                _warn(json.loads(line)["warning"], err)
-        _wait_ready(spec, proc, stop, log_path, err)
-        if stop.signum is None:
-            info = {"event": "ready", "pid": proc.pid, "url": spec.health_url, "log": str(log_path)}
-            if json_out:
-                out.write(json.dumps(info) + "\n")
-            else:
-                out.write(
-                    f"autoglm-tune: model ready: {spec.health_url} (pid {proc.pid}, log {log_path}); Ctrl-C stops it\n"
-                )
-            out.flush()
-        while stop.signum is None:
-            try:
-                rc = proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
-            raise LaunchError(
-                f"the model server exited with status {rc}; last lines of {log_path}:\n{log_tail(log_path)}"
-            )
-        return 0
+            denied = {r["setting"]: r["warning"] for r in map(json.loads, reports.read().decode().splitlines())}
+        _raise_through_helper(proc.pid, spec.settings, denied, err)
+        return _supervise(spec, _Child(proc), stop, log_path, json_out, out, err)
     finally:
         if proc is not None:
             stop_group(proc)
         stop.restore()
+
+
+PRIVILEGED = ("nice", "oom_score_adj")
+
+
+def _raise_through_helper(pid: int, settings: ProcessSettings, denied: dict[str, str], err: TextIO) -> None:
+    """A negative nice or oom_score_adj this process was refused is asked of the root helper for the server's
+    PID (its own process, within the helper's bounds); whatever still cannot be set is said plainly."""
+    wanted = {k: getattr(settings, k) for k in PRIVILEGED if k in denied and getattr(settings, k) < 0}
+    for setting, text in denied.items():
+        if setting not in wanted:
+            _warn(text, err)
+    if not wanted:
+        return
+    nice, oom, clamped = helper_bounds(wanted.get("nice", 0), wanted.get("oom_score_adj", 0))
+    wanted = {k: v for k, v in (("nice", nice), ("oom_score_adj", oom)) if k in wanted}
+    for text in clamped:
+        _warn(text, err)
+    from . import helper_client
+
+    try:
+        report = helper_client.set_process(pid, wanted, dry_run=False)
+    except TuneError as exc:
+        for setting in wanted:
+            _warn(f"{denied[setting]}; the root helper did not set it either: {exc}", err)
+        return
+    for text in report["warnings"]:
+        _warn(text, err)
+
+
+def run_unit(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: TextIO) -> int:
+    """Have the root helper start the server as a transient unit run as this user, then wait and supervise
+    as `run` does; stopping the launcher stops the unit. The log file is ours: the helper passes its
+    descriptor on to systemd."""
+    from . import helper_client
+
+    check_port(spec)
+    log = _open_log(log_path)
+    stop = _Stop()  # before the start: a Ctrl-C during the start job still stops the unit afterwards
+    report: dict[str, Any] = {}
+    server = None
+    try:
+        with log:
+            try:
+                report = helper_client.start_model(unit_request(spec, os.getcwd(), dict(os.environ)), log.fileno())
+            except helper_client.FailedRolledBack as exc:  # nothing to roll back here: the unit did not start
+                raise LaunchError(f"{exc}; last lines of {log_path}:\n{log_tail(log_path)}") from None
+        for text in report["warnings"]:
+            _warn(text, err)
+        for text in report["notes"]:
+            err.write(f"autoglm-tune: {text}\n")
+        try:
+            server = _UnitMain(report["pid"], report["unit"])
+        except ProcessLookupError:
+            raise LaunchError(f"the model server in {report['unit']} exited at once; last lines of {log_path}:\n"
+                              f"{log_tail(log_path)}") from None
+        return _supervise(spec, server, stop, log_path, json_out, out, err)
+    finally:
+        if report:
+            try:
+                helper_client.stop_model(report["unit"])
+            except TuneError as exc:
+                _warn(f"could not stop {report['unit']}: {exc}", err)
+        if server is not None:
+            server.close()
+        stop.restore()
+
+
+def _supervise(spec: LaunchSpec, server: Any, stop: _Stop, log_path: Path, json_out: bool, out: TextIO,
+               err: TextIO) -> int:
+    """Wait for readiness, then watch the server; `status` finds it through the record beside the log."""
+    _wait_ready(spec, server, stop, log_path, err)
+    if stop.signum is not None:
+        return 0
+    info = {"event": "ready", "pid": server.pid, "url": spec.health_url, "log": str(log_path)}
+    if isinstance(server, _UnitMain):
+        info["unit"] = server.unit
+    if json_out:
+        out.write(json.dumps(info) + "\n")
+    else:
+        where = f"pid {server.pid}" + (f", unit {server.unit}" if isinstance(server, _UnitMain) else "")
+        out.write(f"autoglm-tune: model ready: {spec.health_url} ({where}, log {log_path}); Ctrl-C stops it\n")
+    out.flush()
+    record = model_status.record_path(log_path)
+    try:
+        model_status.write_record(record, info)
+    except OSError as exc:
+        _warn(f"status will not find the model: cannot write {record} ({exc.strerror})", err)
+    try:
+        while stop.signum is None:
+            gone = server.exited()
+            if gone is not None:
+                raise LaunchError(f"the model server {gone}; last lines of {log_path}:\n{log_tail(log_path)}")
+            time.sleep(0.5)
+    finally:
+        record.unlink(missing_ok=True)
+    return 0
 
 
 def _warn(text: str, err: TextIO) -> None:
@@ -590,14 +834,14 @@ def _warn(text: str, err: TextIO) -> None:
     err.flush()
 
 
-def _wait_ready(spec: LaunchSpec, proc: Any, stop: _Stop, log_path: Path, err: TextIO) -> None:
+def _wait_ready(spec: LaunchSpec, server: Any, stop: _Stop, log_path: Path, err: TextIO) -> None:
     start = time.monotonic()
     tty = err.isatty()
     while stop.signum is None:
-        rc = proc.poll()
-        if rc is not None:
+        gone = server.exited()
+        if gone is not None:
             raise LaunchError(
-                f"the model server exited with status {rc} before it was ready; "
+                f"the model server {gone} before it was ready; "
                 f"last lines of {log_path}:\n{log_tail(log_path)}"
             )
         if _healthy(spec.health_url):

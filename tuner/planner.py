@@ -315,11 +315,13 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
         auto_threads = (1, "CPU topology unknown: one thread and no pinning")
     threads, basis = _choose(p["threads"], auto_threads, "[process] threads")
     reasons.append(f"threads {threads}: {basis}")
+    nice, basis = _choose(p["nice"], rules.model_nice(), "[process] nice")
+    reasons.append(f"nice {nice}: {basis}")
     return ProcessPlan(
         cpus=cpus,
         threads=threads,
         sched_policy=p["sched_policy"],
-        nice=p["nice"],
+        nice=nice,
         io_class=p["io_class"],
         io_priority=p["io_priority"],
         oom_score_adj=p["oom_score_adj"],
@@ -381,6 +383,14 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     for key in ("watermark_scale_factor", "watermark_boost_factor", "compaction_proactiveness"):
         if vm[key] != KEEP:
             b.scalar(f"vm.{key}", vm[key], f"set by the policy ([vm] {key} = {vm[key]})")
+    accounting = policy["process"]["delay_accounting"]
+    if accounting != KEEP:
+        b.scalar(
+            "kernel.task_delayacct",
+            int(accounting),
+            f"set by the policy ([process] delay_accounting = {json.dumps(accounting)}): "
+            "`status` shows the model's swap-in and block-I/O delays only while it is on",
+        )
     if facts.cgroup.memory_controller == "v1" and any(c.knob == "vm.swappiness" for c in b.changes):
         b.notes.append(
             "cgroup v1 memory controller: each existing memory cgroup keeps its own copy of "

@@ -116,7 +116,8 @@ class Applier:
         self.oom = str(settings.oom_score_adj).encode()
 
     def _fail(self, setting: str, value: object, err: int, kept: object) -> None:
-        os.write(self.fd, json.dumps({"warning": explain(setting, value, err, kept)}).encode() + b"\n")
+        report = {"setting": setting, "warning": explain(setting, value, err, kept)}
+        os.write(self.fd, json.dumps(report).encode() + b"\n")
 
     def __call__(self) -> None:
         s = self.s

@@ -100,3 +100,11 @@ def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
             "faster than threads = all cores (research §4.1, §9)"
         )
     return 0, "2 cores or fewer: reserving one halves uncontended speed (11.8 → 6.3 tok/s, research §4.1)"
+
+
+def model_nice() -> tuple[int, str]:
+    return -10, (
+        "with a busy process at nice 0 on one of 2 CPUs the model ran 6.2 tok/s at nice 0 and 18.3 at nice -10 "
+        "(0.90× of no contention), and nice -10 cost nothing without contention (0.98×; docs/BENCHMARKS.md): CFS "
+        "weights 9548:1024 give it ~90 % of a shared CPU. -10 is the helper's floor (catalogue.MODEL_NICE_RANGE)"
+    )

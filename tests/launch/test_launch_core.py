@@ -149,7 +149,7 @@ def test_spec_argv_environment_and_dropped_arguments() -> None:
         "--alias",
         "model-1-3",
     ]
-    assert spec.environment == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE", "EXTRA": "0xe"}
+    assert spec.environment == {"OMP_NUM_THREADS": "3", "EXTRA": "0xe"}
     assert spec.health_url == "http://127.0.0.1:8080/health"
     assert spec.settings.cpus == (1, 2, 3) and spec.settings.to_dict()["cpu_list"] == "1-3"
     no_mmap = launch.build_spec(
@@ -281,3 +281,54 @@ def test_gguf_reader_rejects_bad_files(tmp_path: Path, data: bytes, message: str
 def test_gguf_reader_on_the_generated_model(tiny_model: Path) -> None:
     shape = gguf.model_shape(gguf.read_metadata(tiny_model), str(tiny_model))
     assert shape == SHAPE
+
+
+def test_supervisor_and_memory_protection_in_a_unit() -> None:
+    """auto runs the model as a transient unit where systemd and the helper are there; MemoryLow= is chosen
+    only in a unit on cgroup v2; a unit may lock memory whatever this process's limit is."""
+
+    def spec(wanted: str = "auto", supervisor: str = "auto", **kw: object) -> launch.LaunchSpec:
+        policy = model_policy(keep_resident=wanted, supervisor=supervisor, memory_high_mib=512)
+        return launch.build_spec(PROCESS, policy, load_preset("llama-server"), machine(**kw))
+
+    child = spec()
+    assert child.supervisor == "launch" and child.keep_resident == "none" and child.memory_low == 0
+    assert any("memory_high_mib applies to a systemd unit only" in w for w in child.warnings)
+    v2 = spec(systemd_helper=True, cgroup_v2=True, mem_total=16 << 30)
+    need = v2.memory.need if v2.memory else 0
+    assert v2.supervisor == "systemd" and v2.keep_resident == "memory-low" and v2.memory_low == need > 0
+    assert v2.memory_high == 512 << 20 and not v2.settings.raise_memlock and v2.expected_denials == []
+    v1 = spec(systemd_helper=True, cgroup_v2=False, mem_total=16 << 30)
+    assert v1.keep_resident == "mlock" and v1.memory_low == 0  # 8 MiB memlock limit, but the unit raises it
+    request = launch.unit_request(v1, "/work", {"HOME": "/home/u", "BAD NAME": "x", "OMP_NUM_THREADS": "9"})
+    assert request["memlock"] == 2 * need and request["cpus"] == [1, 2, 3] and request["nice"] == 5
+    assert request["argv"] == v1.argv and request["port"] == v1.port and request["memory_high"] == 512 << 20
+    assert request["working_directory"] == "/work"
+    assert request["environment"] == {"HOME": "/home/u", **v1.environment}  # the spec's value wins
+    tiny_ram = launch.unit_request(spec(systemd_helper=True, mem_total=2 << 30), "/", {})
+    assert tiny_ram["memlock"] == int((2 << 30) * 0.75)  # the helper's bound, not more
+    on_v1 = spec("memory-low", systemd_helper=True)
+    assert any("no effect on a cgroup v1 host" in w for w in on_v1.warnings)
+    unprotected = spec("memory-low")
+    assert unprotected.keep_resident == "none" and any("needs the model in a systemd unit" in w
+                                                       for w in unprotected.warnings)
+    fallback = launch.as_child(v2)
+    assert fallback.supervisor == "launch" and fallback.keep_resident == "none" and fallback.memory_low == 0
+    with pytest.raises(BadInput, match='supervisor = "systemd": needs systemd as PID 1'):
+        spec(supervisor="systemd")
+
+
+def test_a_unit_gets_no_more_than_the_helper_grants() -> None:
+    strong = ProcessPlan(cpus=[1], threads=1, sched_policy="other", nice=-20, io_class="none", io_priority=0,
+                         oom_score_adj=-1000, reasons=[])
+    policy = model_policy(supervisor="systemd", keep_resident="memory-low", memory_high_mib=1 << 20)
+    small = machine(systemd_helper=True, cgroup_v2=True, mem_total=1 << 30)
+    unit = launch.build_spec(strong, policy, load_preset("llama-server"), small)
+    assert unit.settings.nice == -10 and unit.settings.oom_score_adj == -900
+    assert unit.memory_low == int((1 << 30) * 0.75) and unit.memory_high == 1 << 30
+    joined = " ".join(unit.warnings)
+    for needle in ("nice = -20 is below the root helper's floor", "oom_score_adj = -1000 is below",
+                   "MemoryLow= is cut", "memory_high_mib is above MemTotal"):
+        assert needle in joined, joined
+    child = launch.build_spec(strong, model_policy(), load_preset("llama-server"), machine())
+    assert child.settings.nice == -20  # a privileged launcher sets it itself; the helper path clamps it

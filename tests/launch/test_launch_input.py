@@ -110,7 +110,7 @@ def test_program_not_found(tmp_path: Path, etc: Path, model: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("keep_resident", "yes", '"auto" or "mlock" or "none"'),
+        ("keep_resident", "yes", '"auto" or "mlock" or "memory-low" or "none"'),
         ("port", 0, "an integer 1–65535"),
         ("memory_fit", "maybe", '"warn" or "refuse" or "off"'),
         ("environment", {"1BAD": "x"}, "NAME of letters"),
@@ -166,6 +166,7 @@ def test_unit_is_accepted_by_systemd(tmp_path: Path, etc: Path, model: Path) -> 
             "model_path": str(model),
             "program": "python3",
             "keep_resident": "mlock",
+            "memory_high_mib": 3072,
             "args": ["--alias", '50% of "tiny" $HOME'],
         },
         "process": {"cpus": [cpu], "nice": 5, "sched_policy": "batch", "io_class": "idle", "oom_score_adj": 200},
@@ -182,6 +183,7 @@ def test_unit_is_accepted_by_systemd(tmp_path: Path, etc: Path, model: Path) -> 
         "IOSchedulingClass=idle",
         "OOMScoreAdjust=200",
         "LimitMEMLOCK=infinity",
+        f"MemoryHigh={3072 << 20}",
         "Environment=OMP_NUM_THREADS=1",
     ):
         assert line + "\n" in text, line

@@ -56,7 +56,7 @@ class Client:
 
     @staticmethod
     async def _connect(address: str) -> MessageBus:
-        return await MessageBus(bus_address=address).connect()
+        return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
 
     def call(self, dest: str, path: str, iface: str, member: str, sig: str = "", body: list[Any] | None = None,
              timeout: float = 60) -> Message:
@@ -90,7 +90,10 @@ class Client:
 
 
 class Container:
-    """Boot with `start()`, stop with `stop()`; `run()` executes a command inside (nsenter)."""
+    """Boot with `start()`, stop with `stop()`; `run()` executes a command inside (nsenter).
+
+    nspawn keeps CAP_NET_ADMIN only with a private network; the container shares the host's, and is given it
+    back so that the helper can read taskstats (a privileged netlink family) as on a real machine."""
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -118,7 +121,7 @@ class Container:
         with open(self.dir / "nspawn.log", "ab") as log:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "-M", MACHINE, "--register=no", "--keep-unit",
-                 "--system-call-filter=@swap", "-b", "--console=pipe"],
+                 "--system-call-filter=@swap", "--capability=CAP_NET_ADMIN", "-b", "--console=pipe"],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         state = ""

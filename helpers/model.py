@@ -1,0 +1,384 @@
+"""The caller's model process: what only root may grant it, within the catalogue's bounds.
+
+- SetProcess: negative nice (every thread) and oom_score_adj for a running process the caller owns.
+- StartModel / StopModel: the model as a transient systemd unit run as the caller, with CPUAffinity,
+  scheduling, Nice, I/O class, OOMScoreAdjust, MemoryLow/MemoryHigh and LimitMEMLOCK; its output goes
+  to a file descriptor the caller passed, so the caller reads its own log.
+- ProcessDelays: swap-in and block-I/O delays of the caller's process from taskstats (CAP_NET_ADMIN).
+
+Nothing here is journaled: each setting lives and dies with the process or the transient unit.
+A pidfd and a /proc directory fd pin the caller's process, so a PID reused meanwhile is never written to.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import select
+from typing import Any
+
+from dbus_fast import Variant
+
+from .catalogue import (
+    IO_CLASSES,
+    IO_PRIORITY_RANGE,
+    MODEL_MEMORY_SHARE_MAX,
+    MODEL_NICE_RANGE,
+    MODEL_OOM_SCORE_ADJ_RANGE,
+    MODEL_UNIT_PREFIX,
+    SCHED_POLICIES,
+)
+from .transaction import HelperError
+from .units import RUNNING, Systemd
+
+Report = dict[str, Any]
+SCHED_NUMBERS = {"other": 0, "batch": 3, "idle": 5}  # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE
+IO_CLASS_NUMBERS = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
+UNIT_IO_CLASSES = tuple(c for c in IO_CLASSES if c != "realtime")  # realtime I/O is not granted to callers
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+UNIT_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-([0-9]+)\.service")
+MAX_ARGS = 512
+STOP_TIMEOUT_US = 10_000_000
+
+
+def _bad(field: str, problem: str, allowed: str) -> HelperError:
+    return HelperError("InvalidArgs", f"{field}: {problem}; allowed: {allowed}")
+
+
+def _int_in(body: dict[str, Any], key: str, bounds: tuple[int, int]) -> int:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
+        raise _bad(key, f"{json.dumps(value)} is out of range", f"an integer {bounds[0]}–{bounds[1]}")
+    return value
+
+
+def _object(text: str, keys: dict[str, bool], what: str) -> dict[str, Any]:
+    """Parse a JSON object with exactly the known keys (`keys`: name → required)."""
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise _bad(what, f"not JSON ({exc})", "a JSON object") from None
+    if not isinstance(body, dict):
+        raise _bad(what, "not a JSON object", "a JSON object")
+    unknown = sorted(set(body) - set(keys))
+    if unknown:
+        raise _bad(f"{what}.{unknown[0]}", "unknown key", ", ".join(keys))
+    missing = [k for k, required in keys.items() if required and k not in body]
+    if missing:
+        raise _bad(f"{what}.{missing[0]}", "missing", ", ".join(keys))
+    return body
+
+
+# ---- SetProcess ---------------------------------------------------------------------------------
+
+def process_request(text: str) -> dict[str, int]:
+    """{"nice": n, "oom_score_adj": n}, one or both, within the catalogue's model bounds."""
+    body = _object(text, {"nice": False, "oom_score_adj": False}, "settings")
+    if not body:
+        raise _bad("settings", "empty", "nice, oom_score_adj")
+    out = {}
+    if "nice" in body:
+        out["nice"] = _int_in(body, "nice", MODEL_NICE_RANGE)
+    if "oom_score_adj" in body:
+        out["oom_score_adj"] = _int_in(body, "oom_score_adj", MODEL_OOM_SCORE_ADJ_RANGE)
+    return out
+
+
+class OwnedProcess:
+    """A caller's process, pinned: a pidfd proves it is alive, and every /proc read and write goes through a
+    directory fd opened while the pidfd showed it alive — so a PID reused meanwhile is never written to."""
+
+    def __init__(self, pid: int, caller_uid: int, proc: str = "/proc") -> None:
+        allowed = f"the PID of a running process of uid {caller_uid}"
+        if pid <= 1:
+            raise _bad("pid", f"{pid} is not a model process", allowed)
+        self.pid = pid
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise _bad("pid", f"no process {pid}", allowed) from None
+        except OSError:  # EINVAL: a thread ID, not a process
+            raise _bad("pid", f"{pid} is not a process ID", allowed) from None
+        try:
+            self.dirfd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            os.close(self.pidfd)
+            raise _bad("pid", f"no process {pid}", allowed) from None
+        try:
+            self.alive()
+            uids = {int(u) for u in self.read("status").split("Uid:", 1)[1].split("\n", 1)[0].split()}
+        except (ProcessLookupError, IndexError, ValueError, OSError):
+            self.close()
+            raise _bad("pid", f"no process {pid}", allowed) from None
+        if caller_uid != 0 and uids != {caller_uid}:  # real, effective, saved and fs uid
+            self.close()
+            raise HelperError("NotAuthorized", f"pid {pid} belongs to uid {min(uids - {caller_uid})}, not to the "
+                              f"caller (uid {caller_uid})")
+
+    def alive(self) -> None:
+        """Raises ProcessLookupError once the process has ended (a pidfd polls readable then; unlike a signal
+        probe this needs no CAP_KILL, which the sandboxed helper does not have)."""
+        if select.select([self.pidfd], [], [], 0)[0]:
+            raise ProcessLookupError(self.pid)
+
+    def read(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY, dir_fd=self.dirfd)
+        try:
+            return os.read(fd, 65536).decode()
+        finally:
+            os.close(fd)
+
+    def write(self, name: str, text: str) -> None:
+        fd = os.open(name, os.O_WRONLY, dir_fd=self.dirfd)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def threads(self) -> list[int]:
+        fd = os.open("task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.dirfd)
+        try:
+            return sorted(int(t) for t in os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.dirfd)
+        os.close(self.pidfd)
+
+
+def _set_nice(target: OwnedProcess, nice: int) -> str | None:
+    """Every thread (nice is per thread; threads started later inherit it from their creator)."""
+    for tid in target.threads():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except OSError as exc:
+            return f"nice = {nice} not set ({exc.strerror}); it stays {os.getpriority(os.PRIO_PROCESS, target.pid)}"
+    return None
+
+
+def _set_oom(target: OwnedProcess, value: int) -> str | None:
+    try:
+        target.write("oom_score_adj", str(value))
+    except PermissionError:
+        return (f"oom_score_adj = {value} not set: lowering it needs CAP_SYS_RESOURCE, which the helper lacks here "
+                f"(a container or a restricted bounding set); it stays {int(target.read('oom_score_adj'))}")
+    return None
+
+
+def set_process(pid: int, caller_uid: int, request: dict[str, int], dry_run: bool, proc: str = "/proc") -> Report:
+    """Apply `request` to the caller's process; each setting is read back. A refusal is a warning, not an error:
+    the model runs either way. Not journaled: the settings end with the process."""
+    target = OwnedProcess(pid, caller_uid, proc)
+    try:
+        readers = {"nice": lambda: os.getpriority(os.PRIO_PROCESS, pid),
+                   "oom_score_adj": lambda: int(target.read("oom_score_adj"))}
+        writers = {"nice": _set_nice, "oom_score_adj": _set_oom}
+        changes, warnings = [], []
+        for name, value in request.items():
+            old = readers[name]()
+            target.alive()  # the PID still names the pinned process: nothing else is written to
+            problem = None if dry_run or old == value else writers[name](target, value)
+            new = old if dry_run else readers[name]()
+            if problem:
+                warnings.append(problem)
+            state = "dry-run" if dry_run else "refused" if problem else "done" if new == value else "differs"
+            changes.append({"subject": name, "old": old, "target": value, "new": new, "state": state})
+        target.alive()
+    except ProcessLookupError:
+        raise _bad("pid", f"process {pid} ended", f"the PID of a running process of uid {caller_uid}") from None
+    finally:
+        target.close()
+    return {"result": "dry-run" if dry_run else "set", "pid": pid, "changes": changes, "warnings": warnings}
+
+
+# ---- StartModel / StopModel ---------------------------------------------------------------------
+
+UNIT_KEYS = {
+    "argv": True, "environment": False, "working_directory": False, "port": True, "cpus": True,
+    "sched_policy": False, "nice": False, "io_class": False, "io_priority": False, "oom_score_adj": False,
+    "memory_low": False, "memory_high": False, "memlock": False,
+}
+
+
+def mem_total() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemTotal")
+
+
+def unit_request(text: str, cpu_count: int, mem_total: int) -> dict[str, Any]:
+    """The transient unit a caller may ask for: its command, environment and process settings, in bounds."""
+    body = _object(text, UNIT_KEYS, "unit")
+    argv = body["argv"]
+    if (not isinstance(argv, list) or not argv or len(argv) > MAX_ARGS
+            or not all(isinstance(a, str) and "\0" not in a for a in argv)):
+        raise _bad("argv", "not a list of strings", f"1–{MAX_ARGS} strings without NUL")
+    if not argv[0].startswith("/"):
+        raise _bad("argv[0]", f"{json.dumps(argv[0])} is not an absolute path", "the program's absolute path")
+    cwd = body.get("working_directory", "/")
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        raise _bad("working_directory", f"{json.dumps(cwd)} is not an absolute path", "an absolute path")
+    env = body.get("environment", {})
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and "\0" not in v
+            for k, v in env.items()):
+        raise _bad("environment", "not an object of NAME: value strings", "names of letters, digits and _")
+    cpus = body["cpus"]
+    if (not isinstance(cpus, list) or not cpus
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < cpu_count for c in cpus)):
+        raise _bad("cpus", f"{json.dumps(cpus)} is not a list of CPUs", f"CPU numbers 0–{cpu_count - 1}")
+    out: dict[str, Any] = {"argv": argv, "environment": env, "working_directory": cwd, "cpus": sorted(set(cpus)),
+                           "port": _int_in(body, "port", (1, 65535))}
+    for key, choices in (("sched_policy", SCHED_POLICIES), ("io_class", UNIT_IO_CLASSES)):
+        if key in body:
+            if body[key] not in choices:
+                raise _bad(key, f"{json.dumps(body[key])} is not allowed", ", ".join(choices))
+            out[key] = body[key]
+    for key, bounds in (("nice", MODEL_NICE_RANGE), ("io_priority", IO_PRIORITY_RANGE),
+                        ("oom_score_adj", MODEL_OOM_SCORE_ADJ_RANGE), ("memory_high", (0, mem_total)),
+                        ("memory_low", (0, int(mem_total * MODEL_MEMORY_SHARE_MAX))),
+                        ("memlock", (0, int(mem_total * MODEL_MEMORY_SHARE_MAX)))):
+        if key in body:
+            out[key] = _int_in(body, key, bounds)
+    return out
+
+
+def unit_name(uid: int, port: int) -> str:
+    return f"{MODEL_UNIT_PREFIX}{uid}-{port}.service"
+
+
+def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> list[list[Any]]:
+    """StartTransientUnit's a(sv) for `req`, run as `uid`. Pure."""
+    mask = sum(1 << c for c in req["cpus"])
+    argv = [a.replace("$", "$$") for a in req["argv"]]  # systemd expands $NAME in ExecStart= arguments
+    props: list[list[Any]] = [
+        ["Description", Variant("s", f"autoglm-tune model server for uid {uid} on port {req['port']}")],
+        ["Type", Variant("s", "exec")],  # the start job ends after exec, with every setting applied
+        ["ExecStart", Variant("a(sasb)", [[req["argv"][0], argv, False]])],
+        ["User", Variant("s", str(uid))],
+        ["WorkingDirectory", Variant("s", req.get("working_directory", "/"))],
+        ["Environment", Variant("as", [f"{k}={v}" for k, v in sorted(req["environment"].items())])],
+        ["CPUAffinity", Variant("ay", mask.to_bytes((max(req["cpus"]) // 8) + 1, "little"))],
+        ["NoNewPrivileges", Variant("b", True)],
+        ["CollectMode", Variant("s", "inactive-or-failed")],
+        ["TimeoutStopUSec", Variant("t", STOP_TIMEOUT_US)],
+    ]
+    simple = {"sched_policy": ("CPUSchedulingPolicy", "i", SCHED_NUMBERS.get),
+              "nice": ("Nice", "i", int), "io_class": ("IOSchedulingClass", "i", IO_CLASS_NUMBERS.get),
+              "io_priority": ("IOSchedulingPriority", "i", int), "oom_score_adj": ("OOMScoreAdjust", "i", int),
+              "memory_low": ("MemoryLow", "t", int), "memory_high": ("MemoryHigh", "t", int)}
+    for key, (prop, sig, convert) in simple.items():
+        if key in req and (key not in ("memory_low", "memory_high") or req[key] > 0):
+            props.append([prop, Variant(sig, convert(req[key]))])
+    if req.get("memlock"):
+        props += [["LimitMEMLOCK", Variant("t", req["memlock"])], ["LimitMEMLOCKSoft", Variant("t", req["memlock"])]]
+    if log_fd_index is not None:
+        props += [["StandardOutputFileDescriptor", Variant("h", log_fd_index)],
+                  ["StandardErrorFileDescriptor", Variant("h", log_fd_index)]]
+    return props
+
+
+def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: int | None) -> Report:
+    """Start the transient unit, wait for its job, and read back what the process got."""
+    if systemd is None:
+        raise HelperError("NotSupported", "systemd is not PID 1 on this machine; allowed: launch without a unit")
+    unit = unit_name(uid, req["port"])
+    running = [u[0] for u in systemd.manager("ListUnitsByPatterns", "asas", list(RUNNING),
+                                             [f"{MODEL_UNIT_PREFIX}{uid}-*.service"])[0]]
+    if running and uid != 0:  # the bounds hold per user, not per unit
+        raise _bad("port", f"{running[0]} is already running: one model unit per user",
+                   f"stop it first: systemctl stop {running[0]}")
+    props = unit_properties(req, uid, 0 if log_fd is not None else None)
+    try:
+        systemd.start_transient(unit, props, [log_fd] if log_fd is not None else [])
+    except FileExistsError:
+        raise _bad("port", f"{unit} is already loaded (a model for this user on port {req['port']})",
+                   f"another port, or stop it first: systemctl stop {unit}") from None
+    state = systemd.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
+    pid = int(systemd.unit_property(unit, "org.freedesktop.systemd1.Service", "MainPID") or 0)
+    if state not in RUNNING or not pid:
+        result = systemd.unit_property(unit, "org.freedesktop.systemd1.Service", "Result")
+        raise HelperError("Failed", f"{unit} did not start ({state}, result {result}); see the model log")
+    warnings = []
+    nice = os.getpriority(os.PRIO_PROCESS, pid)
+    target = OwnedProcess(pid, uid)
+    try:
+        oom = int(target.read("oom_score_adj"))
+    finally:
+        target.close()
+    if "nice" in req and nice != req["nice"]:
+        warnings.append(f"nice = {req['nice']} did not take effect in {unit}; the model runs with nice {nice}")
+    if "oom_score_adj" in req and oom != req["oom_score_adj"]:
+        warnings.append(f"OOMScoreAdjust = {req['oom_score_adj']} did not take effect in {unit} (systemd lacks "
+                        f"CAP_SYS_RESOURCE here and ignores it); the model runs with oom_score_adj {oom}")
+    notes = []
+    if os.path.isdir("/sys/fs/cgroup/memory"):
+        notes.append(f"cgroup v1: {unit} has its own memory.swappiness, copied from its parent cgroup when it "
+                     "was made; vm.swappiness changes after boot do not reach it")
+    return {"result": "started", "unit": unit, "pid": pid, "nice": nice, "oom_score_adj": oom,
+            "warnings": warnings, "notes": notes}
+
+
+def stop_model(systemd: Systemd | None, unit: object, uid: int) -> Report:
+    """Stop a model unit the caller started (root may stop any)."""
+    allowed = f"{MODEL_UNIT_PREFIX}{uid}-PORT.service"
+    match = UNIT_NAME.fullmatch(unit) if isinstance(unit, str) else None
+    if match is None:
+        raise _bad("unit", f"{json.dumps(unit)} is not a model unit", allowed)
+    if uid != 0 and int(match.group(1)) != uid:
+        raise HelperError("NotAuthorized", f"{unit} belongs to uid {match.group(1)}, not to the caller (uid {uid})")
+    if systemd is None:
+        raise HelperError("NotSupported", "systemd is not PID 1 on this machine; allowed: launch without a unit")
+    state = systemd.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
+    if state in RUNNING:
+        systemd.run_job("StopUnit", unit)
+    return {"result": "stopped", "unit": unit, "was": state}
+
+
+# ---- ProcessDelays ------------------------------------------------------------------------------
+
+def process_delays(pid: int, caller_uid: int, proc: str = "/proc") -> Report:
+    """Swap-in, block-I/O and CPU-wait delays of the caller's process, summed over its live threads (pyroute2
+    asks by PID, so threads that already ended are missing from the sum)."""
+    from pyroute2 import TaskStats  # imported on use: the helper starts without it
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    target = OwnedProcess(pid, caller_uid, proc)
+    totals = {"swapin_count": 0, "swapin_delay_total": 0, "blkio_count": 0, "blkio_delay_total": 0,
+              "cpu_count": 0, "cpu_delay_total": 0}
+    try:
+        try:
+            with open("/proc/sys/kernel/task_delayacct") as fh:
+                accounting: bool | None = fh.read().strip() == "1"
+        except FileNotFoundError:  # before 5.14 accounting is on unless booted with nodelayacct
+            accounting = None
+        stats = TaskStats()
+        try:
+            stats.bind()
+            for tid in target.threads():
+                try:
+                    reply = stats.get_pid_stat(tid)
+                except NetlinkError as exc:
+                    if exc.code == errno.ESRCH:  # the thread ended meanwhile
+                        continue
+                    raise HelperError("Failed", f"taskstats refused pid {tid}: {exc}") from None
+                values = reply[0].get_attrs("TASKSTATS_TYPE_AGGR_PID")[0].get_attr("TASKSTATS_TYPE_STATS")
+                for key in totals:
+                    totals[key] += int(values[key])
+        finally:
+            stats.close()
+        target.alive()
+    except ProcessLookupError:
+        raise _bad("pid", f"process {pid} ended", f"the PID of a running process of uid {caller_uid}") from None
+    finally:
+        target.close()
+    ms = {k.replace("_delay_total", "_delay_ms"): v / 1e6 for k, v in totals.items() if k.endswith("_delay_total")}
+    counts = {k: v for k, v in totals.items() if k.endswith("_count")}
+    return {"result": "delays", "pid": pid, "delay_accounting": accounting, **counts, **ms}

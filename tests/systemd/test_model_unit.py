@@ -1,0 +1,216 @@
+"""`autoglm-tune launch` with supervisor = "systemd" inside the real systemd: the D-Bus-activated helper starts
+the llama.cpp server as a transient unit run as the (unprivileged) caller, with CPUAffinity, scheduling, Nice,
+I/O class, OOMScoreAdjust, MemoryHigh and LimitMEMLOCK; its output goes to the caller's log; `status` shows it;
+stopping the launcher stops the unit. Bad unit requests are refused with nothing started."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+from autoglm_helper.catalogue import MODEL_UNIT_PREFIX
+from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_tune import gguf
+from container import Client, Container
+from dbus_fast import Message, MessageType
+
+ROOT = Path(__file__).resolve().parents[2]
+USER, GROUP = "agt-model-user", "autoglm"
+LLAMA_PYTHON = Path(os.environ.get("AUTOGLM_LLAMA_VENV", "/opt/autoglm-llama-venv")) / "bin" / "python"
+VOCAB = Path(os.environ.get("AUTOGLM_LLAMA_CACHE", "/opt/llama-build")) / "vocab" / "ggml-vocab-llama-spm.gguf"
+WORK = "/srv/agt-model"  # inside the container (the overlay's upper directory)
+CAP_SYS_RESOURCE = 24
+
+
+def has_cap_sys_resource() -> bool:
+    """systemd in the container has the host's bounding set: without CAP_SYS_RESOURCE it ignores OOMScoreAdjust."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("CapBnd"))
+    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_user(container: Container) -> Iterator[int]:
+    """A user in the `autoglm` group (polkit's example rule allows it), a work folder and the tiny model."""
+    subprocess.run([str(ROOT / "tests/setup-llama.sh")], check=True, timeout=3600)
+    container.run("groupadd", "-f", GROUP)
+    container.run("useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", "-G", GROUP, USER)
+    rules = container.path("/etc/polkit-1/rules.d/50-autoglm-tune.rules")
+    shutil.copy(ROOT / "systemd/polkit/50-autoglm-tune.rules", rules)
+    rules.chmod(0o644)
+    work = container.path(WORK)
+    (work / "etc").mkdir(parents=True)
+    work.chmod(0o777)
+    worker = ROOT / "tuner" / "bench_worker.py"
+    subprocess.run([str(LLAMA_PYTHON), str(worker), "model", "tiny", str(VOCAB), str(work / "tiny.gguf")],
+                   check=True, timeout=120)
+    uid = int(container.run("id", "-u", USER).stdout)
+    yield uid
+    container.run("pkill", "-KILL", "-u", USER, check=False)
+    container.run("userdel", USER, check=False)
+    rules.unlink()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def launcher(container: Container, uid: int, policy: dict, *extra: str) -> subprocess.Popen[str]:
+    path = container.path(f"{WORK}/policy.toml")
+    path.write_text(tomli_w.dumps(policy))
+    path.chmod(0o644)
+    argv = ["nsenter", "-t", str(container.leader), "-a", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+            "--init-groups", "env", f"AUTOGLM_TUNE_ETC={WORK}/etc", f"HOME={WORK}", "PATH=/usr/bin:/bin",
+            "/opt/autoglm-venv/bin/autoglm-tune", "launch", "--policy", f"{WORK}/policy.toml", "--json",
+            "--log", f"{WORK}/model.log", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def inside(container: Container, *argv: str) -> str:
+    return container.run(*argv).stdout
+
+
+def show(container: Container, unit: str) -> dict[str, str]:
+    props = "User,CPUAffinity,Nice,CPUSchedulingPolicy,IOSchedulingClass,OOMScoreAdjust,MemoryHigh,LimitMEMLOCK," \
+            "MainPID,ActiveState,NoNewPrivileges"
+    text = inside(container, "systemctl", "show", unit, "-p", props)
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def completion(port: int) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps({"prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, model_user: int) -> None:
+    uid, port = model_user, free_port()
+    unit = f"{MODEL_UNIT_PREFIX}{uid}-{port}.service"
+    policy = {
+        "process": {"cpus": [0], "threads": 1, "nice": -5, "sched_policy": "batch", "io_class": "idle",
+                    "oom_score_adj": -400},
+        "model": {"preset": "llama-cpp-python", "program": str(LLAMA_PYTHON), "model_path": f"{WORK}/tiny.gguf",
+                  "port": port, "context_size": 256, "supervisor": "systemd", "keep_resident": "mlock",
+                  "memory_high_mib": 768, "ready_timeout_s": 120},
+    }
+    proc = launcher(container, uid, policy)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ready = json.loads(line)
+        assert ready["event"] == "ready" and ready["unit"] == unit
+        pid = ready["pid"]
+        props = show(container, unit)
+        assert props["ActiveState"] == "active" and props["MainPID"] == str(pid)
+        assert props["User"] == str(uid) and props["NoNewPrivileges"] == "yes"
+        assert props["CPUAffinity"] == "0" and props["Nice"] == "-5"
+        assert props["CPUSchedulingPolicy"] == "3" and props["IOSchedulingClass"] == "3"
+        assert props["OOMScoreAdjust"] == "-400" and props["MemoryHigh"] == str(768 << 20)
+        model_file = container.path(f"{WORK}/tiny.gguf")
+        need = model_file.stat().st_size + gguf.model_shape(gguf.read_metadata(model_file), "tiny").kv_cache_bytes(256)
+        mem_total = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                             if x.startswith("MemTotal")).split()[1]) * 1024
+        assert int(props["LimitMEMLOCK"]) == min(2 * need, int(mem_total * 0.75))  # launch's rule, not a default
+
+        status = inside(container, "cat", f"/proc/{pid}/status")
+        assert f"Uid:\t{uid}\t{uid}" in status
+        assert "Cpus_allowed_list:\t0\n" in status
+        stat = inside(container, "cat", f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        assert int(stat[16]) == -5 and int(stat[38]) == 3  # nice, SCHED_BATCH
+        assert "idle" in inside(container, "ionice", "-p", str(pid))
+        oom = int(inside(container, "cat", f"/proc/{pid}/oom_score_adj"))
+        assert oom == (-400 if has_cap_sys_resource() else 0)
+
+        answer = completion(port)
+        assert answer["choices"][0]["text"] is not None and answer["usage"]["completion_tokens"] >= 1
+        assert container.path(f"{WORK}/model.log").stat().st_size > 0  # the server wrote to the caller's log
+
+        shown = container.run("setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "env",
+                              f"HOME={WORK}", "/opt/autoglm-venv/bin/autoglm-tune", "status", "--json", "--log",
+                              f"{WORK}/model.log", check=False)
+        assert shown.returncode == 0, shown.stderr
+        model = json.loads(shown.stdout)["model"]
+        assert model["record"]["unit"] == unit and model["process"]["nice"] == -5
+        assert model["process"]["cpus"] == "0" and model["process"]["sched_policy"] == "batch"
+        assert isinstance(model["delays"], dict), model["delays"]  # from taskstats, through the sandboxed helper
+        assert model["delays"]["pid"] == pid and model["delays"]["cpu_count"] > 0
+
+        second = launcher(container, uid, {**policy, "model": {**policy["model"], "port": free_port()}})
+        _, second_err = second.communicate(timeout=60)
+        assert second.returncode == 2 and "one model unit per user" in second_err, second_err
+    finally:
+        container.run("pkill", "-TERM", "-u", str(uid), "-f", "autoglm-tune launch", check=False)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    if not has_cap_sys_resource():
+        assert "OOMScoreAdjust = -400 did not take effect" in err and "CAP_SYS_RESOURCE" in err
+    deadline = time.monotonic() + 30
+    while (state := container.run("systemctl", "is-active", unit, check=False).stdout.strip()) not in (
+            "inactive", "unknown") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state in ("inactive", "unknown")
+    assert container.run("pgrep", "-u", str(uid), check=False).stdout == ""
+    assert not container.path(f"{WORK}/model.json").exists()
+
+
+def helper_call(client: Client, member: str, signature: str, body: list) -> tuple[str, str]:
+    reply = client.call(BUS_NAME, OBJECT_PATH, INTERFACE, member, signature, body, timeout=60)
+    assert reply.message_type == MessageType.ERROR, reply.body
+    return reply.error_name or "", reply.body[0]
+
+
+@pytest.mark.parametrize(
+    ("unit", "needles"),
+    [
+        ({"argv": ["python3"], "port": 8080, "cpus": [0]}, ["argv[0]", "not an absolute path"]),
+        ({"argv": ["/bin/true"], "port": 8080, "cpus": [0], "nice": -20}, ["nice:", "allowed: an integer -10–19"]),
+        ({"argv": ["/bin/true"], "port": 8080, "cpus": [4096]}, ["cpus:", "allowed: CPU numbers 0–"]),
+        ({"argv": ["/bin/true"], "port": 8080, "cpus": [0], "io_class": "realtime"},
+         ["io_class:", "allowed: none, best-effort, idle"]),
+        ({"argv": ["/bin/true"], "port": 8080, "cpus": [0], "User": "root"}, ["unit.User: unknown key"]),
+        ({"argv": ["/bin/true"], "port": 8080, "cpus": [0], "memory_low": 1 << 50}, ["memory_low:", "out of range"]),
+    ],
+)
+def test_bad_unit_requests_start_nothing(container: Container, client: Client, unit: dict, needles: list[str],
+                                         tmp_path: Path) -> None:
+    before = inside(container, "systemctl", "list-units", "--all", "--plain", "--no-legend", f"{MODEL_UNIT_PREFIX}*")
+    log = tmp_path / "log"
+    with log.open("wb") as fh:
+        msg = Message(destination=BUS_NAME, path=OBJECT_PATH, interface=INTERFACE, member="StartModel",
+                      signature="sh", body=[json.dumps(unit), 0], unix_fds=[fh.fileno()])
+        reply = client.loop.run_until_complete(client.bus.call(msg))
+    assert reply.message_type == MessageType.ERROR, reply.body
+    assert reply.error_name == ERROR_PREFIX + "InvalidArgs"
+    for needle in needles:
+        assert needle in reply.body[0], reply.body[0]
+    after = inside(container, "systemctl", "list-units", "--all", "--plain", "--no-legend", f"{MODEL_UNIT_PREFIX}*")
+    assert after == before
+
+
+def test_start_model_without_a_log_descriptor_is_refused(container: Container, client: Client) -> None:
+    name, text = helper_call(client, "StartModel", "sh", [json.dumps({"argv": ["/bin/true"], "port": 1, "cpus": [0]}),
+                                                          0])
+    assert name == ERROR_PREFIX + "InvalidArgs" and "log_fd: no file descriptor was passed" in text
+
+
+def test_stop_model_refuses_units_that_are_not_model_units(container: Container, client: Client) -> None:
+    name, text = helper_call(client, "StopModel", "s", ["dbus.service"])
+    assert name == ERROR_PREFIX + "InvalidArgs" and "is not a model unit" in text
+    assert inside(container, "systemctl", "is-active", "dbus.service").strip() == "active"
