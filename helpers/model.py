@@ -40,6 +40,7 @@ UNIT_IO_CLASSES = tuple(c for c in IO_CLASSES if c != "realtime")  # realtime I/
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNIT_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-([0-9]+)\.service")
 MAX_ARGS = 512
+MEMCG_V1 = "/sys/fs/cgroup/memory"
 STOP_TIMEOUT_US = 10_000_000
 
 
@@ -74,11 +75,13 @@ def _object(text: str, keys: dict[str, bool], what: str) -> dict[str, Any]:
 # ---- SetProcess ---------------------------------------------------------------------------------
 
 def process_request(text: str) -> dict[str, int]:
-    """{"nice": n, "oom_score_adj": n}, one or both, within the catalogue's model bounds."""
-    body = _object(text, {"nice": False, "oom_score_adj": False}, "settings")
+    """{"nice": n, "oom_score_adj": n, "swappiness": n}, any of them, within the catalogue's model bounds."""
+    body = _object(text, {"nice": False, "oom_score_adj": False, "swappiness": False}, "settings")
     if not body:
-        raise _bad("settings", "empty", "nice, oom_score_adj")
+        raise _bad("settings", "empty", "nice, oom_score_adj, swappiness")
     out = {}
+    if "swappiness" in body:
+        out["swappiness"] = _int_in(body, "swappiness", (0, 200))
     if "nice" in body:
         out["nice"] = _int_in(body, "nice", MODEL_NICE_RANGE)
     if "oom_score_adj" in body:
@@ -170,14 +173,71 @@ def _set_oom(target: OwnedProcess, value: int) -> str | None:
     return None
 
 
+def _memcg(target: OwnedProcess) -> str | None:
+    """The process's cgroup v1 memory cgroup (a path under MEMCG_V1), or None without one."""
+    if not os.path.isdir(MEMCG_V1):
+        return None
+    for line in target.read("cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    return None
+
+
+def _read_swappiness(target: OwnedProcess) -> int | None:
+    path = _memcg(target)
+    if path is None:
+        return None
+    with open(f"{MEMCG_V1}{path.rstrip('/')}/memory.swappiness") as fh:
+        return int(fh.read())
+
+
+def _set_swappiness(target: OwnedProcess, value: int) -> str | None:
+    """cgroup v1 keeps a swappiness per memory cgroup, used for its pages in global reclaim too: the model is
+    moved into its own child cgroup (`autoglm-model-<pid>`, limits of the parent still apply) with `value`.
+    Pages charged before the move stay with the old cgroup (6.18 has no charge moving), so launch asks right
+    after exec, before the weights are loaded."""
+    path = _memcg(target)
+    if path is None:
+        return (f"swappiness = {value} for the model not set: it needs the cgroup v1 memory controller (on cgroup v2 "
+                "the model's systemd unit gets MemoryLow= instead)")
+    remove_stale_cgroups()
+    own = f"{MODEL_UNIT_PREFIX}{target.pid}"
+    base = f"{MEMCG_V1}{path.rstrip('/')}"
+    if os.path.basename(base) != own:
+        base = f"{base}/{own}"
+        os.makedirs(base, exist_ok=True)
+    with open(f"{base}/memory.swappiness", "w") as fh:
+        fh.write(str(value))
+    target.alive()
+    if os.path.basename(f"{MEMCG_V1}{path.rstrip('/')}") != own:
+        with open(f"{base}/cgroup.procs", "w") as fh:  # v1: moves every thread of the process
+            fh.write(str(target.pid))
+    return None
+
+
+def remove_stale_cgroups() -> list[str]:
+    """Empty `autoglm-model-*` memory cgroups left by models that have ended (rmdir fails on busy ones)."""
+    removed = []
+    for dirpath, dirnames, _ in os.walk(MEMCG_V1, topdown=False):
+        if os.path.basename(dirpath).startswith(MODEL_UNIT_PREFIX) and not dirnames:
+            try:
+                os.rmdir(dirpath)
+                removed.append(dirpath)
+            except OSError:  # still in use
+                continue
+    return removed
+
+
 def set_process(pid: int, caller_uid: int, request: dict[str, int], dry_run: bool, proc: str = "/proc") -> Report:
     """Apply `request` to the caller's process; each setting is read back. A refusal is a warning, not an error:
     the model runs either way. Not journaled: the settings end with the process."""
     target = OwnedProcess(pid, caller_uid, proc)
     try:
         readers = {"nice": lambda: os.getpriority(os.PRIO_PROCESS, pid),
-                   "oom_score_adj": lambda: int(target.read("oom_score_adj"))}
-        writers = {"nice": _set_nice, "oom_score_adj": _set_oom}
+                   "oom_score_adj": lambda: int(target.read("oom_score_adj")),
+                   "swappiness": lambda: _read_swappiness(target)}
+        writers = {"nice": _set_nice, "oom_score_adj": _set_oom, "swappiness": _set_swappiness}
         changes, warnings = [], []
         for name, value in request.items():
             old = readers[name]()

@@ -443,9 +443,12 @@ class Guard:
                 _write(self.paths[name], self.settings[name])
 
     def remove_cgroup(self, cg: Path) -> None:
-        """rmdir, retried while the last task is still on its way out (EBUSY)."""
+        """rmdir (children first: launch gives the model a memory cgroup of its own inside the run's), retried
+        while the last task is still on its way out (EBUSY)."""
         for _ in range(50):
             try:
+                for child in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                    child.rmdir()
                 cg.rmdir()
                 break
             except FileNotFoundError:
@@ -495,6 +498,16 @@ class Guard:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         return problems
+
+
+def memory_cgroup_of(pid: int) -> tuple[str | None, int | None]:
+    """The process's cgroup v1 memory cgroup and that cgroup's swappiness (None on cgroup v2)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            knob = Path(f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.swappiness")
+            return path, int(knob.read_text()) if knob.exists() else None
+    return None, None
 
 
 def physical_cores() -> int:
@@ -827,6 +840,7 @@ class Bench:
             result["threads"] = int(environ.get(b"OMP_NUM_THREADS", b"0"))
             result["cpus"] = status["Cpus_allowed_list"].strip()
             result["vm_locked_kib"] = int(status["VmLck"].split()[0])
+            result["memory_cgroup"], result["memcg_swappiness"] = memory_cgroup_of(pid)
             result["settings"] = read_settings(self.g.paths)  # as they were while it ran
             flt = _majflt(pid)
             begin, arrivals = _post_stream(

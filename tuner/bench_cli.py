@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import BadInput, TuneError
+from .errors import BadInput, TuneError, fail
 
 # The names bench.py defines (checked equal by tests/bench): listed here for --help without importing it.
 SCENARIO_NAMES = ("heavy", "mild", "fits", "cpu")
@@ -85,8 +85,7 @@ def bench_command(
             raise b.BenchError(doc["error"])
         typer.echo(f"bench: restored {len(doc['restored']['settings'])} settings and the swap areas; verified")
     except TuneError as exc:
-        typer.echo(f"autoglm-tune: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise fail(exc) from None
     if doc["interrupted"]:
         raise typer.Exit(128 + doc["interrupted"])
 

@@ -20,7 +20,7 @@ import typer
 from .bench_cli import register as register_bench
 from .cli_helper import register
 from .cli_system import register as register_system
-from .errors import EXIT_DIFFERS, BadInput, TuneError
+from .errors import EXIT_DIFFERS, BadInput, TuneError, fail
 
 app = typer.Typer(
     add_completion=False,
@@ -36,11 +36,6 @@ FactsOpt = Annotated[
     typer.Option("--facts", help="Read facts from the JSON of an earlier 'facts --json' (plan: or a folder of them)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _fail(exc: TuneError) -> typer.Exit:
-    typer.echo(f"autoglm-tune: error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
 
 
 def _facts(sysroot: Path | None, facts_file: Path | None):
@@ -84,7 +79,7 @@ def facts(
             load_policy(policy)  # validated so a bad --policy is reported here too
         f = _facts(sysroot, facts_file)
     except TuneError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     typer.echo(f.to_json() if json_out else render.facts_text(f), nl=False)
 
 
@@ -149,7 +144,7 @@ def plan(
         else:
             typer.echo(text, nl=False)
     except TuneError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @app.command()
@@ -162,7 +157,7 @@ def diff(
     try:
         p = _plan(policy, sysroot, facts_file)
     except TuneError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     typer.echo(render.to_json(render.diff_json(p)) if json_out else render.diff_text(p, color=_color()), nl=False)
     if not p.in_sync:
         raise typer.Exit(EXIT_DIFFERS)
@@ -231,7 +226,7 @@ def launch(
         lc.print_warnings(spec)
         code = _start(lc, spec, model, log or lc.default_log(), json_out)
     except TuneError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     raise typer.Exit(code)
 
 

@@ -18,7 +18,7 @@ from autoglm_helper import plan_schema
 from autoglm_helper.catalogue import CatalogueError
 from autoglm_helper.plan_schema import Change
 
-from .errors import EXIT_DIFFERS, EXIT_OK, BadInput, TuneError
+from .errors import EXIT_DIFFERS, EXIT_OK, BadInput, TuneError, fail
 
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
@@ -45,8 +45,7 @@ def _run(json_out: bool, body: Callable[[], int]) -> None:
     except TuneError as exc:
         if json_out:
             typer.echo(json.dumps({"changed": False, "failed": True, "error": type(exc).__name__, "msg": str(exc)}))
-        typer.echo(f"autoglm-tune: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise fail(exc) from None
     raise typer.Exit(code)
 
 
@@ -146,7 +145,10 @@ def rollback(
         else:
             report = _client().rollback(txid or "", dry_run, force)
         if json_out:
-            typer.echo(json.dumps({"changed": report["result"] != "dry-run", "dry_run": dry_run, **report}))
+            # a dry-run would change something where a step's live value is not its old one already
+            would = any(c.get("live") is not None and c["live"] != c["old"] for c in report["changes"])
+            changed = report["result"] != "dry-run" or would
+            typer.echo(json.dumps({"changed": changed, "dry_run": dry_run, **report}))
         else:
             typer.echo(f"{report['result']} {report['txid']}:")
             _print_changes(report, "would be undone")

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import BadInput, TuneError
+from .errors import BadInput, TuneError, fail
 
 UNIT_DIR = "usr/local/lib/systemd/system"
 MANIFEST = "var/lib/autoglm-tune/system-install.json"
@@ -207,8 +207,7 @@ def _run(action: str, root: Path, dry_run: bool) -> None:
             raise BadInput(f"--root {root}: not a directory; allowed: an existing directory")
         lines = install_files(root, dry_run) if action == "install" else uninstall_files(root, dry_run)
     except TuneError as exc:
-        typer.echo(f"autoglm-tune: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise fail(exc) from None
     typer.echo("\n".join(lines) if lines else "nothing installed")
 
 

@@ -1,6 +1,8 @@
-"""Typed errors, mapped to exit codes in one place (the CLI's main)."""
+"""Typed errors, each with its exit code; `fail` is the one place a command turns one into its line and code."""
 
 from __future__ import annotations
+
+import sys
 
 EXIT_OK = 0
 EXIT_DIFFERS = 1
@@ -20,3 +22,9 @@ class BadInput(TuneError):
     """A policy file, flag, facts file or plan the tool cannot use: exit 2, nothing changed."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+def fail(exc: TuneError) -> SystemExit:
+    """Print the one-line error and return the exit to raise (`raise fail(exc) from None`)."""
+    print(f"autoglm-tune: error: {exc}", file=sys.stderr, flush=True)
+    return SystemExit(exc.exit_code)

@@ -73,6 +73,7 @@ class Machine:
     mem_total: int | None = None  # bytes, MemTotal
     systemd_helper: bool = False  # systemd is PID 1 and the root helper is installed: a transient unit is possible
     cgroup_v2: bool = False  # the unified hierarchy: MemoryLow=/MemoryHigh= act
+    memcg_v1: bool = False  # a cgroup v1 memory controller: the model can get its own swappiness
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,14 @@ class LaunchSpec:
     port: int
     health_url: str
     settings: ProcessSettings
-    keep_resident: str  # "mlock", "memory-low" or "none", decided
+    keep_resident: str  # "mlock", "cgroup" or "none", decided
     mmap: bool
     memory: MemoryFit | None
     ready_timeout_s: int
     supervisor: str = "launch"  # "launch" (our child) or "systemd" (a transient unit through the helper)
     memory_low: int = 0  # bytes for MemoryLow= (0: none)
     memory_high: int = 0  # bytes for MemoryHigh= (0: none)
+    own_swappiness: int | None = None  # cgroup v1: the model's own memory cgroup gets this swappiness (0)
     mem_total: int | None = None  # bytes, bounds the unit's LimitMEMLOCK=
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -144,6 +146,7 @@ class LaunchSpec:
             "supervisor": self.supervisor,
             "keep_resident": self.keep_resident,
             "memory_low": self.memory_low,
+            "own_swappiness": self.own_swappiness,
             "memory_high": self.memory_high,
             "mmap": self.mmap,
             "memory": self.memory.to_dict() if self.memory else None,
@@ -189,22 +192,20 @@ def _supervisor(wanted: str, machine: Machine) -> str:
 
 
 def _keep_resident(wanted: str, machine: Machine, fit: MemoryFit | None, supervisor: str) -> tuple[str, str | None]:
-    """("mlock" | "memory-low" | "none", a warning or note). Both keep the weights out of swap, where they do
-    not compress and every token would pay for the swap-in (research kernel-and-platform.md §9). mlock does
-    not cover the CPU-repacked copy of Q4_0 weights (docs/BENCHMARKS.md); MemoryLow= protects the whole
-    cgroup, so it is preferred where it acts: in a unit, on cgroup v2."""
+    """("mlock" | "cgroup" | "none", a warning or note). Each keeps the weights out of swap, where they do not
+    compress and every token would pay for the swap-in (research kernel-and-platform.md §9). mlock does not
+    cover the CPU-repacked copy of Q4_0 weights (docs/BENCHMARKS.md); the model's own cgroup protects all of
+    it — MemoryLow= in its unit on cgroup v2, its own memory cgroup with swappiness 0 on cgroup v1 — so that
+    is preferred where it acts."""
     if wanted == "none" or fit is None:
         return "none", None
     in_unit = supervisor == "systemd"
-    if wanted == "memory-low" or (wanted == AUTO and in_unit and machine.cgroup_v2):
-        if not in_unit:
-            return "none", (
-                'keep_resident = memory-low needs the model in a systemd unit ([model] supervisor = "systemd", '
-                "or launch --unit); the server runs unprotected"
-            )
-        if not machine.cgroup_v2:
-            return "memory-low", "keep_resident = memory-low: MemoryLow= has no effect on a cgroup v1 host; use mlock"
-        return "memory-low", None
+    cgroup_acts = machine.cgroup_v2 if in_unit else machine.memcg_v1
+    if wanted == "cgroup" or (wanted == AUTO and cgroup_acts):
+        if not cgroup_acts:
+            where = "MemoryLow= needs cgroup v2" if in_unit else "a child of launch needs a cgroup v1 memory controller"
+            return "none", f"keep_resident = cgroup has no effect here ({where}); the server runs unprotected"
+        return "cgroup", None
     # a unit gets LimitMEMLOCK= from systemd (the helper allows up to 3/4 of RAM)
     lockable = (
         in_unit
@@ -243,8 +244,8 @@ def helper_bounds(nice: int, oom_score_adj: int) -> tuple[int, int, list[str]]:
 
 
 def _memory_low(fit: MemoryFit | None, keep: str, machine: Machine, warnings: list[str]) -> int:
-    """MemoryLow= for keep_resident memory-low: model + KV cache, at most what the helper grants."""
-    if fit is None or keep != "memory-low":
+    """MemoryLow= for keep_resident cgroup: model + KV cache, at most what the helper grants."""
+    if fit is None or keep != "cgroup" or not machine.cgroup_v2:
         return 0
     if machine.mem_total and fit.need > machine.mem_total * MODEL_MEMORY_SHARE_MAX:
         cap = int(machine.mem_total * MODEL_MEMORY_SHARE_MAX)
@@ -413,7 +414,8 @@ def build_spec(
         memory=fit,
         ready_timeout_s=model["ready_timeout_s"],
         supervisor=supervisor,
-        memory_low=_memory_low(fit, keep, machine, warnings),
+        memory_low=_memory_low(fit, keep, machine, warnings) if supervisor == "systemd" else 0,
+        own_swappiness=0 if keep == "cgroup" and supervisor == "launch" else None,
         memory_high=memory_high,
         mem_total=machine.mem_total,
         warnings=warnings,
@@ -444,7 +446,7 @@ def render_unit(spec: LaunchSpec, template: str) -> str:
         "io_priority": s.io_priority,
         "oom_score_adj": s.oom_score_adj,
         "mlock": spec.keep_resident == "mlock",
-        "memory_low": spec.memory.need if spec.memory and spec.keep_resident in ("mlock", "memory-low") else None,
+        "memory_low": spec.memory.need if spec.memory and spec.keep_resident in ("mlock", "cgroup") else None,
         "memory_high": spec.memory_high or None,
         "health_url": spec.health_url,
     }
@@ -569,6 +571,7 @@ def gather(model_file: Path | None) -> Machine:
         mem_total=mem.get("MemTotal"),
         systemd_helper=os.path.isdir("/run/systemd/system") and os.path.exists(HELPER_ACTIVATION_FILE),
         cgroup_v2=os.path.exists("/sys/fs/cgroup/cgroup.controllers"),
+        memcg_v1=os.path.exists("/sys/fs/cgroup/memory/memory.swappiness"),
     )
 
 
@@ -657,7 +660,8 @@ def as_child(spec: LaunchSpec) -> LaunchSpec:
     """The same launch without a unit (the helper did not answer): the unit-only memory settings fall away."""
     keep = "mlock" if spec.keep_resident == "mlock" else "none"
     settings = replace(spec.settings, raise_memlock=keep == "mlock")
-    return replace(spec, supervisor="launch", keep_resident=keep, memory_low=0, memory_high=0, settings=settings)
+    return replace(spec, supervisor="launch", keep_resident=keep, memory_low=0, memory_high=0, settings=settings,
+                   own_swappiness=None)
 
 
 def _open_log(log_path: Path) -> Any:
@@ -724,7 +728,7 @@ def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: Text
                 os.close(write_fd)
         with os.fdopen(read_fd, "rb") as reports:
             denied = {r["setting"]: r["warning"] for r in map(json.loads, reports.read().decode().splitlines())}
-        _raise_through_helper(proc.pid, spec.settings, denied, err)
+        _raise_through_helper(proc.pid, spec.settings, denied, err, spec.own_swappiness)
         return _supervise(spec, _Child(proc), stop, log_path, json_out, out, err)
     finally:
         if proc is not None:
@@ -735,17 +739,22 @@ def run(spec: LaunchSpec, log_path: Path, json_out: bool, out: TextIO, err: Text
 PRIVILEGED = ("nice", "oom_score_adj")
 
 
-def _raise_through_helper(pid: int, settings: ProcessSettings, denied: dict[str, str], err: TextIO) -> None:
-    """A negative nice or oom_score_adj this process was refused is asked of the root helper for the server's
-    PID (its own process, within the helper's bounds); whatever still cannot be set is said plainly."""
+def _raise_through_helper(pid: int, settings: ProcessSettings, denied: dict[str, str], err: TextIO,
+                          own_swappiness: int | None) -> None:
+    """What only root may do for the server's PID is asked of the root helper right after exec (its own process,
+    within the helper's bounds): a negative nice or oom_score_adj this process was refused, and on cgroup v1 a
+    memory cgroup of its own with `own_swappiness`. Whatever still cannot be set is said plainly."""
     wanted = {k: getattr(settings, k) for k in PRIVILEGED if k in denied and getattr(settings, k) < 0}
     for setting, text in denied.items():
         if setting not in wanted:
             _warn(text, err)
-    if not wanted:
-        return
     nice, oom, clamped = helper_bounds(wanted.get("nice", 0), wanted.get("oom_score_adj", 0))
     wanted = {k: v for k, v in (("nice", nice), ("oom_score_adj", oom)) if k in wanted}
+    if own_swappiness is not None:
+        wanted["swappiness"] = own_swappiness
+        denied["swappiness"] = "keep_resident = cgroup: the model's own memory cgroup (swappiness 0) is not set"
+    if not wanted:
+        return
     for text in clamped:
         _warn(text, err)
     from . import helper_client

@@ -267,7 +267,7 @@ SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
         "port": _int_range(1, 65535),
         "ready_timeout_s": _int_range(1, 3600),
         "supervisor": _choice(AUTO, "launch", "systemd"),
-        "keep_resident": _choice(AUTO, "mlock", "memory-low", "none"),
+        "keep_resident": _choice(AUTO, "mlock", "cgroup", "none"),
         "memory_high_mib": _int_range(0, 1048576),
         "mmap": _bool_or(AUTO),
         "memory_fit": _choice("warn", "refuse", "off"),

@@ -26,13 +26,22 @@ class SwapSituation:
     zswap_on: bool  # zswap will be enabled after the plan
 
 
-def zswap_enabled(zram_active: bool, has_backing: bool) -> tuple[bool | None, str]:
-    """On in front of disk swap; off in front of zram; left alone with nothing to stand on."""
+def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool) -> tuple[bool | None, str]:
+    """On in front of disk swap only where the model's own memory can be kept out of it; off in front of zram."""
     if zram_active:
         return False, "an active zram swap is present: zswap in front of zram compresses every page twice (Arch wiki)"
     if not has_backing:
         return None, "no disk swap to back zswap; zswap stores nothing without a swap area"
-    return True, "compressed cache in front of disk swap: measured 0 of 10 OOM kills with swappiness 133 (research §9)"
+    if not model_protected:
+        return False, (
+            "the model's memory cannot be kept out of swap here (MemoryLow= needs systemd with cgroup v2; mlock "
+            "misses the repacked Q4_0 weights): with zswap its incompressible weights cycled through the pool, "
+            "heavy pressure ran 0.2 tok/s with 8.3 M major faults, 14.5 tok/s with zswap off (docs/BENCHMARKS.md)"
+        )
+    return True, (
+        "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
+        "in its unit (not measured yet: the benchmark VM is cgroup v1 without systemd)"
+    )
 
 
 def compressor(preference: tuple[str, ...], available: list[str]) -> tuple[str | None, str]:
@@ -82,7 +91,8 @@ def swap_file_size_mib(total_kib: int | None, free_mib: int | None) -> tuple[int
         return None, "RAM size unknown"
     ram_mib = total_kib // 1024
     size = max(1024, min(16384, ram_mib)) // 256 * 256
-    basis = "as large as RAM (1–16 GiB): every zswap page keeps a slot on the backing swap (zswap.rst)"
+    basis = ("as large as RAM (1–16 GiB): room to swap out the rest of the system while the model runs (with "
+             "zswap on, every compressed page also keeps a slot on it, zswap.rst)")
     if free_mib is not None and size > free_mib // 2:
         size = free_mib // 2 // 256 * 256
         basis += f"; cut to half the {free_mib} MiB free"

@@ -77,8 +77,12 @@ def test_smoke_run_measures_applies_and_restores_everything(
     assert seen["untuned"]["vm.swappiness"] == before["settings"]["vm.swappiness"]
     assert (seen["recipe"]["vm.swappiness"], seen["recipe"]["vm.vfs_cache_pressure"]) == ("20", "50")
     assert seen["recipe"]["zswap.enabled"] == "Y"
-    assert runs["autoglm-tune"]["txid"] and seen["autoglm-tune"]["zswap.enabled"] == "Y"
-    assert seen["autoglm-tune"]["vm.swappiness"] == "133"  # the planner's rule with zswap on
+    # without systemd on cgroup v2 the model cannot be kept out of zswap, so the planner leaves zswap off
+    assert seen["autoglm-tune"]["zswap.enabled"] == before["settings"]["zswap.enabled"] == "N"
+    if Path("/sys/fs/cgroup/memory/memory.swappiness").exists():  # cgroup v1: its own memory cgroup, swappiness 0
+        tuned_run = runs["autoglm-tune"]
+        assert tuned_run["memory_cgroup"].rsplit("/", 1)[1].startswith("autoglm-model-"), tuned_run["memory_cgroup"]
+        assert tuned_run["memcg_swappiness"] == 0 and runs["untuned"]["memcg_swappiness"] != 0
     assert doc["restored"]["problems"] == [] and doc["interrupted"] is None
 
     text = docs.read_text()

@@ -250,6 +250,10 @@ def test_cli_apply_status_verify_rollback(helper: Helper) -> None:
     again = cli(bus, "apply", "--plan", plan, "--yes", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
 
+    rollback_dry = cli(bus, "rollback", "--dry-run", "--json")
+    assert rollback_dry.returncode == 0 and live("vm.swappiness") == target
+    assert json.loads(rollback_dry.stdout)["changed"] is True  # it would put back the old value
+
     status = cli(bus, "status")
     assert status.returncode == 0 and out["txid"] in status.stdout and "committed" in status.stdout
     assert cli(bus, "verify").returncode == 0

@@ -247,3 +247,37 @@ def test_launch_asks_the_helper_for_what_it_may_not_set(helper: Helper) -> None:
         assert not Path(f"/proc/{pid}").exists()
         entry = [e for e in helper.audit() if e["method"] == "SetProcess"][-1]
         assert entry["uid"] == pwd.getpwnam(ALLOWED_USER).pw_uid and entry["result"] == "set"
+
+
+def memory_cgroup(pid: int) -> str:
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in x)
+    return line.split(":", 2)[2]
+
+
+def test_own_memory_cgroup_with_swappiness_0_on_cgroup_v1(helper: Helper) -> None:
+    """keep_resident = cgroup on cgroup v1: the process moves into a child memory cgroup of its own whose
+    swappiness (used for its pages in global reclaim too) is 0; an empty one is removed on a later call."""
+    v1 = Path("/sys/fs/cgroup/memory/memory.swappiness").exists()
+    made = []
+    try:
+        for _ in range(2):
+            with process_of(ALLOWED_USER) as pid:
+                parent = memory_cgroup(pid) if v1 else None
+                report = call(helper.bus, ALLOWED_USER, "SetProcess", "usb", pid, json.dumps({"swappiness": 0}),
+                              False)["ok"]
+                change = report["changes"][0]
+                if not v1:
+                    assert change["state"] == "refused" and "cgroup v1 memory controller" in report["warnings"][0]
+                    return
+                own = memory_cgroup(pid)
+                assert own == f"{parent.rstrip('/')}/autoglm-model-{pid}", own
+                path = Path(f"/sys/fs/cgroup/memory{own}")
+                assert path.joinpath("memory.swappiness").read_text().strip() == "0"
+                assert str(pid) in path.joinpath("cgroup.procs").read_text().split()
+                assert change["subject"] == "swappiness" and change["new"] == 0 and change["state"] == "done"
+                made.append(path)
+        assert not made[0].exists()  # the first, empty after its process ended, went with the second call
+    finally:
+        for path in made:
+            if path.exists():
+                path.rmdir()

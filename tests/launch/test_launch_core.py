@@ -296,7 +296,7 @@ def test_supervisor_and_memory_protection_in_a_unit() -> None:
     assert any("memory_high_mib applies to a systemd unit only" in w for w in child.warnings)
     v2 = spec(systemd_helper=True, cgroup_v2=True, mem_total=16 << 30)
     need = v2.memory.need if v2.memory else 0
-    assert v2.supervisor == "systemd" and v2.keep_resident == "memory-low" and v2.memory_low == need > 0
+    assert v2.supervisor == "systemd" and v2.keep_resident == "cgroup" and v2.memory_low == need > 0
     assert v2.memory_high == 512 << 20 and not v2.settings.raise_memlock and v2.expected_denials == []
     v1 = spec(systemd_helper=True, cgroup_v2=False, mem_total=16 << 30)
     assert v1.keep_resident == "mlock" and v1.memory_low == 0  # 8 MiB memlock limit, but the unit raises it
@@ -307,11 +307,14 @@ def test_supervisor_and_memory_protection_in_a_unit() -> None:
     assert request["environment"] == {"HOME": "/home/u", **v1.environment}  # the spec's value wins
     tiny_ram = launch.unit_request(spec(systemd_helper=True, mem_total=2 << 30), "/", {})
     assert tiny_ram["memlock"] == int((2 << 30) * 0.75)  # the helper's bound, not more
-    on_v1 = spec("memory-low", systemd_helper=True)
-    assert any("no effect on a cgroup v1 host" in w for w in on_v1.warnings)
-    unprotected = spec("memory-low")
-    assert unprotected.keep_resident == "none" and any("needs the model in a systemd unit" in w
-                                                       for w in unprotected.warnings)
+    on_v1 = spec("cgroup", systemd_helper=True)
+    assert any("no effect here (MemoryLow= needs cgroup v2)" in w for w in on_v1.warnings)
+    unprotected = spec("cgroup")
+    assert unprotected.keep_resident == "none" and unprotected.own_swappiness is None
+    assert any("a child of launch needs a cgroup v1 memory controller" in w for w in unprotected.warnings)
+    own = spec(memcg_v1=True)  # a child on cgroup v1: its own memory cgroup with swappiness 0, through the helper
+    assert own.keep_resident == "cgroup" and own.own_swappiness == 0 and own.memory_low == 0
+    assert not own.settings.raise_memlock and "--mlock" not in own.argv
     fallback = launch.as_child(v2)
     assert fallback.supervisor == "launch" and fallback.keep_resident == "none" and fallback.memory_low == 0
     with pytest.raises(BadInput, match='supervisor = "systemd": needs systemd as PID 1'):
@@ -321,7 +324,7 @@ def test_supervisor_and_memory_protection_in_a_unit() -> None:
 def test_a_unit_gets_no_more_than_the_helper_grants() -> None:
     strong = ProcessPlan(cpus=[1], threads=1, sched_policy="other", nice=-20, io_class="none", io_priority=0,
                          oom_score_adj=-1000, reasons=[])
-    policy = model_policy(supervisor="systemd", keep_resident="memory-low", memory_high_mib=1 << 20)
+    policy = model_policy(supervisor="systemd", keep_resident="cgroup", memory_high_mib=1 << 20)
     small = machine(systemd_helper=True, cgroup_v2=True, mem_total=1 << 30)
     unit = launch.build_spec(strong, policy, load_preset("llama-server"), small)
     assert unit.settings.nice == -10 and unit.settings.oom_score_adj == -900

@@ -110,7 +110,7 @@ def test_program_not_found(tmp_path: Path, etc: Path, model: Path) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("keep_resident", "yes", '"auto" or "mlock" or "memory-low" or "none"'),
+        ("keep_resident", "yes", '"auto" or "mlock" or "cgroup" or "none"'),
         ("port", 0, "an integer 1–65535"),
         ("memory_fit", "maybe", '"warn" or "refuse" or "off"'),
         ("environment", {"1BAD": "x"}, "NAME of letters"),
