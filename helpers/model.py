@@ -203,16 +203,20 @@ def _set_swappiness(target: OwnedProcess, value: int) -> str | None:
                 "the model's systemd unit gets MemoryLow= instead)")
     remove_stale_cgroups()
     own = f"{MODEL_UNIT_PREFIX}{target.pid}"
-    base = f"{MEMCG_V1}{path.rstrip('/')}"
-    if os.path.basename(base) != own:
-        base = f"{base}/{own}"
+    current = f"{MEMCG_V1}{path.rstrip('/')}"
+    base = current if os.path.basename(current) == own else f"{current}/{own}"
+    try:
         os.makedirs(base, exist_ok=True)
-    with open(f"{base}/memory.swappiness", "w") as fh:
-        fh.write(str(value))
-    target.alive()
-    if os.path.basename(f"{MEMCG_V1}{path.rstrip('/')}") != own:
-        with open(f"{base}/cgroup.procs", "w") as fh:  # v1: moves every thread of the process
-            fh.write(str(target.pid))
+        with open(f"{base}/memory.swappiness", "w") as fh:
+            fh.write(str(value))
+        target.alive()
+        if base != current:
+            with open(f"{base}/cgroup.procs", "w") as fh:  # v1: moves every thread of the process
+                fh.write(str(target.pid))
+    except ProcessLookupError:
+        raise
+    except OSError as exc:  # e.g. the sandboxed helper unit sees /sys/fs/cgroup read-only
+        return f"swappiness = {value} for the model not set ({exc.strerror}); it stays in {path}"
     return None
 
 

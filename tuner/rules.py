@@ -36,7 +36,8 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool) -
         return False, (
             "the model's memory cannot be kept out of swap here (MemoryLow= needs systemd with cgroup v2; mlock "
             "misses the repacked Q4_0 weights): with zswap its incompressible weights cycled through the pool, "
-            "heavy pressure ran 0.2 tok/s with 8.3 M major faults, 14.5 tok/s with zswap off (docs/BENCHMARKS.md)"
+            "heavy pressure ran 0.2 tok/s with 8.3 M major faults; with zswap off and the model in a memory cgroup "
+            "of its own, 17.6 tok/s (untuned 8.4; docs/BENCHMARKS.md)"
         )
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
