@@ -217,7 +217,10 @@ def is_never_touch(name: str, extra_patterns: tuple[str, ...] = ()) -> bool:
 # ---- the inference process -----------------------------------------------------------------
 
 SCHED_POLICIES = ("other", "batch", "idle")
+SCHED_NUMBERS = {"other": 0, "batch": 3, "idle": 5}  # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE (sched.h)
 IO_CLASSES = ("none", "realtime", "best-effort", "idle")
+IO_CLASS_NUMBERS = {name: number for number, name in enumerate(IO_CLASSES)}  # IOPRIO_CLASS_* (ioprio.h)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable name the model may be given
 NICE_RANGE = (-20, 19)
 IO_PRIORITY_RANGE = (0, 7)
 OOM_SCORE_ADJ_RANGE = (-1000, 1000)

@@ -22,22 +22,22 @@ from typing import Any
 from dbus_fast import Variant
 
 from .catalogue import (
+    ENV_NAME,
+    IO_CLASS_NUMBERS,
     IO_CLASSES,
     IO_PRIORITY_RANGE,
     MODEL_MEMORY_SHARE_MAX,
     MODEL_NICE_RANGE,
     MODEL_OOM_SCORE_ADJ_RANGE,
     MODEL_UNIT_PREFIX,
+    SCHED_NUMBERS,
     SCHED_POLICIES,
 )
 from .transaction import HelperError
 from .units import RUNNING, Systemd
 
 Report = dict[str, Any]
-SCHED_NUMBERS = {"other": 0, "batch": 3, "idle": 5}  # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE
-IO_CLASS_NUMBERS = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
 UNIT_IO_CLASSES = tuple(c for c in IO_CLASSES if c != "realtime")  # realtime I/O is not granted to callers
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNIT_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-([0-9]+)\.service")
 MAX_ARGS = 512
 MEMCG_V1 = "/sys/fs/cgroup/memory"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,18 @@ def processes_mentioning(marker: str) -> list[int]:
         if marker.encode() in cmdline and state != "Z":
             found.append(int(entry))
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int, field: str = "CapEff") -> bool:
+    """Whether this test process has `cap` in its /proc/self/status set `field` (CapEff, CapBnd)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return bool(int(line.split()[1], 16) >> cap & 1)

@@ -14,7 +14,6 @@ import errno
 import http.client
 import json
 import os
-import re
 import resource
 import select
 import signal
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from autoglm_helper.catalogue import MODEL_MEMORY_SHARE_MAX, MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
+from autoglm_helper.catalogue import ENV_NAME, MODEL_MEMORY_SHARE_MAX, MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -43,7 +42,6 @@ from .procsettings import ProcessSettings, cpu_mask, cpu_ranges
 MIB = 1 << 20
 CAP_SYS_ADMIN, CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_IPC_LOCK = 21, 23, 24, 14
 STOP_GRACE_S = 10.0
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what the helper accepts in a unit's environment
 HELPER_ACTIVATION_FILE = "/usr/share/dbus-1/system-services/io.github.autoglm_tune.Helper1.service"
 LOG_TAIL_LINES = 15
 

@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autoglm_helper.catalogue import IO_CLASS_NUMBERS
+
 from .errors import TuneError
 from .procsettings import IOPRIO_CLASS_SHIFT, IOPRIO_WHO_PROCESS, ioprio_syscalls
 
 SCHED_NAMES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
-IO_CLASS_NAMES = {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}
+IO_CLASS_NAMES = {number: name for name, number in IO_CLASS_NUMBERS.items()}
 
 
 def record_path(log_path: Path) -> Path:

@@ -17,8 +17,8 @@ import resource
 import signal
 from dataclasses import asdict, dataclass
 
-SCHED = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
-IO_CLASS = {"none": 0, "realtime": 1, "best-effort": 2, "idle": 3}
+from autoglm_helper.catalogue import IO_CLASS_NUMBERS, SCHED_NUMBERS
+
 IOPRIO_WHO_PROCESS = 1
 IOPRIO_CLASS_SHIFT = 13
 # ioprio_set/ioprio_get have no glibc wrapper. asm-generic (aarch64, riscv64, loongarch64) 30/31.
@@ -69,7 +69,7 @@ def cpu_mask(cpus: tuple[int, ...] | list[int]) -> str:
 
 def ioprio_value(io_class: str, io_priority: int) -> int:
     """The ioprio_set value: class << 13 | data; classes none and idle carry no data."""
-    cls = IO_CLASS[io_class]
+    cls = IO_CLASS_NUMBERS[io_class]
     return cls << IOPRIO_CLASS_SHIFT | (io_priority if cls in (1, 2) else 0)
 
 
@@ -111,7 +111,7 @@ class Applier:
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.ioprio = ioprio_syscalls()
         self.ioprio_value = ioprio_value(settings.io_class, settings.io_priority)
-        self.sched = SCHED[settings.sched_policy]
+        self.sched = SCHED_NUMBERS[settings.sched_policy]
         self.param = os.sched_param(0)
         self.oom = str(settings.oom_score_adj).encode()
 

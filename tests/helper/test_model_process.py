@@ -10,7 +10,6 @@ import json
 import os
 import pwd
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ import tomli_w
 from autoglm_helper.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from autoglm_helper.service import ERROR_PREFIX
 from helper_parts import ALLOWED_USER, BIN, DENIED_USER, Bus, Helper
+from support import CAP_SYS_RESOURCE, free_port, has_capability
 
-CAP_SYS_RESOURCE = 24
 THREADED = (
     "import threading, time\n"
     "for _ in range(3):\n"
@@ -77,12 +76,6 @@ def oom_score_adj(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
-def helper_has_cap_sys_resource() -> bool:
-    """The helper runs as root with this test's capability set."""
-    cap_eff = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("CapEff"))
-    return bool(int(cap_eff.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-
-
 @contextlib.contextmanager
 def process_of(user: str) -> Iterator[int]:
     """A process with four threads owned by `user`; killed afterwards."""
@@ -105,7 +98,7 @@ def test_own_process_gets_negative_nice_on_every_thread_and_oom_score_adj_or_a_w
         assert nices(pid) == [-5, -5, -5, -5]
         changes = {c["subject"]: c for c in report["changes"]}
         assert changes["nice"] == {"subject": "nice", "old": 0, "target": -5, "new": -5, "state": "done"}
-        if helper_has_cap_sys_resource():
+        if has_capability(CAP_SYS_RESOURCE):
             assert oom_score_adj(pid) == -500 and changes["oom_score_adj"]["state"] == "done"
             assert report["warnings"] == []
         else:  # the CI machine: even root lacks CAP_SYS_RESOURCE, so the kernel says EACCES
@@ -210,9 +203,7 @@ def test_launch_asks_the_helper_for_what_it_may_not_set(helper: Helper) -> None:
         work = Path(tmp)
         work.chmod(0o777)
         (work / "etc").mkdir()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         policy = work / "policy.toml"
         policy.write_text(tomli_w.dumps({
             "process": {"nice": -4, "oom_score_adj": -300, "sched_policy": "other"},
@@ -232,14 +223,14 @@ def test_launch_asks_the_helper_for_what_it_may_not_set(helper: Helper) -> None:
             pid = ready["pid"]
             assert ready["event"] == "ready"
             assert nices(pid) == [-4] * len(nices(pid)) and len(nices(pid)) >= 3
-            assert oom_score_adj(pid) == (-300 if helper_has_cap_sys_resource() else 0)
+            assert oom_score_adj(pid) == (-300 if has_capability(CAP_SYS_RESOURCE) else 0)
         finally:
             launcher.send_signal(signal.SIGTERM)
             _, err = launcher.communicate(timeout=30)
         assert launcher.returncode == 0, err
         warnings = [line for line in err.splitlines() if line.startswith("autoglm-tune: warning:")]
         assert not any("nice" in w for w in warnings), warnings  # the helper set it: no warning left
-        if helper_has_cap_sys_resource():
+        if has_capability(CAP_SYS_RESOURCE):
             assert warnings == [], err
         else:
             assert len(warnings) == 1 and "oom_score_adj = -300 not set" in warnings[0], err

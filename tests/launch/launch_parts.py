@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,6 @@ IO_CLASSES = {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}
 def write_policy(path: Path, doc: dict[str, Any]) -> Path:
     path.write_bytes(tomli_w.dumps(doc).encode())
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(etc: Path) -> dict[str, str]:

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch_parts import cli_env, free_port, launch, write_policy
-from support import processes_mentioning
+from launch_parts import cli_env, launch, write_policy
+from support import free_port, processes_mentioning
 
 
 def assert_refused(proc: subprocess.CompletedProcess[str], marker: str, *needles: str) -> None:

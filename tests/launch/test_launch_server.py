@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from launch_parts import cli_env, free_port, ioprio_of, launch, thread_view, write_policy
-from support import CLI, processes_mentioning
+from launch_parts import cli_env, ioprio_of, launch, thread_view, write_policy
+from support import CAP_SYS_RESOURCE, CLI, free_port, has_capability, processes_mentioning
 
 
 def server_policy(tmp_path: Path, model: Path, llama_python: Path, **process: object) -> Path:
@@ -152,15 +152,8 @@ def test_negative_oom_score_adj_is_a_warning_and_the_rest_applies(tmp_path: Path
     finally:
         code, err = stop(proc, signal.SIGINT)  # as Ctrl-C on a terminal
     assert code == 0, err
-    cap_resource = (
-        int(
-            next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("CapEff")).split()[1], 16
-        )
-        >> 24
-        & 1
-    )
     assert nice == 7
-    if cap_resource:
+    if has_capability(CAP_SYS_RESOURCE):
         assert oom == -500 and "oom_score_adj" not in err
     else:
         assert oom == 0

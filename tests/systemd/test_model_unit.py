@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -22,25 +21,13 @@ from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PAT
 from autoglm_tune import gguf
 from container import Client, Container
 from dbus_fast import Message, MessageType
+from support import CAP_SYS_RESOURCE, free_port, has_capability
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, GROUP = "agt-model-user", "autoglm"
 LLAMA_PYTHON = Path(os.environ.get("AUTOGLM_LLAMA_VENV", "/opt/autoglm-llama-venv")) / "bin" / "python"
 VOCAB = Path(os.environ.get("AUTOGLM_LLAMA_CACHE", "/opt/llama-build")) / "vocab" / "ggml-vocab-llama-spm.gguf"
 WORK = "/srv/agt-model"  # inside the container (the overlay's upper directory)
-CAP_SYS_RESOURCE = 24
-
-
-def has_cap_sys_resource() -> bool:
-    """systemd in the container has the host's bounding set: without CAP_SYS_RESOURCE it ignores OOMScoreAdjust."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("CapBnd"))
-    return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         assert int(stat[16]) == -5 and int(stat[38]) == 3  # nice, SCHED_BATCH
         assert "idle" in inside(container, "ionice", "-p", str(pid))
         oom = int(inside(container, "cat", f"/proc/{pid}/oom_score_adj"))
-        assert oom == (-400 if has_cap_sys_resource() else 0)
+        assert oom == (-400 if has_capability(CAP_SYS_RESOURCE, "CapBnd") else 0)
 
         answer = completion(port)
         assert answer["choices"][0]["text"] is not None and answer["usage"]["completion_tokens"] >= 1
@@ -159,7 +146,7 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         container.run("pkill", "-TERM", "-u", str(uid), "-f", "autoglm-tune launch", check=False)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    if not has_cap_sys_resource():
+    if not has_capability(CAP_SYS_RESOURCE, "CapBnd"):
         assert "OOMScoreAdjust = -400 did not take effect" in err and "CAP_SYS_RESOURCE" in err
     deadline = time.monotonic() + 30
     while (state := container.run("systemctl", "is-active", unit, check=False).stdout.strip()) not in (
