@@ -77,6 +77,8 @@ def test_compressor_accepts_a_name_or_a_list(etc: Path, tmp_path: Path) -> None:
 
 BAD = [
     ("[vm]\nswappiness = 500\n", "[vm] swappiness = 500", "an integer 0–200"),
+    ('[process]\nnice = "high"\n', '[process] nice = "high"', 'an integer -20–19, "auto"'),
+    ('[process]\ndelay_accounting = "yes"\n', "[process] delay_accounting", 'true, false, "keep"'),
     ("[zswap]\nmax_pool_percent = 536870912\n", "[zswap] max_pool_percent = 536870912", "an integer 1–100"),
     ("[zswap]\nmax_pool_percent = 0\n", "max_pool_percent = 0", "an integer 1–100"),
     ("[vm]\nswappiness = true\n", "swappiness = true", "an integer 0–200"),

@@ -111,6 +111,8 @@ def test_program_not_found(tmp_path: Path, etc: Path, model: Path) -> None:
     ("key", "value", "allowed"),
     [
         ("keep_resident", "yes", '"auto" or "mlock" or "cgroup" or "none"'),
+        ("supervisor", "cron", '"auto" or "launch" or "systemd"'),
+        ("memory_high_mib", -1, "an integer 0–1048576"),
         ("port", 0, "an integer 1–65535"),
         ("memory_fit", "maybe", '"warn" or "refuse" or "off"'),
         ("environment", {"1BAD": "x"}, "NAME of letters"),
