@@ -143,7 +143,20 @@ def desktop_template(rng: random.Random) -> bytes:
     return b"".join(lines)[:MIB]
 
 
+def no_huge_pages() -> None:
+    """Keep this process's memory in 4 KiB pages, as a browser's or editor's heap is on a `madvise` THP system.
+    numpy madvises large arrays for huge pages; with 10 % of the pages rewritten at random every second, every
+    2 MiB page is then referenced every second, none of the desktop ever ages, and reclaim finds nothing to take
+    but the model's memory (docs/BENCHMARKS.md, "The desktop's page size")."""
+    import ctypes
+
+    pr_set_thp_disable = 41  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_thp_disable, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
+
+
 def desktop(mib: int, rewrite_percent: int) -> None:
+    no_huge_pages()
     import numpy as np
 
     template = np.frombuffer(desktop_template(random.Random(SEED)), dtype=np.uint8)

@@ -69,6 +69,7 @@ def test_smoke_run_measures_applies_and_restores_everything(
         assert r["ok"], (config, r.get("error"))
         assert r["tokens"] == 8 and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
         assert r["oom_kills"] == 0 and r["desktop_alive"] is True
+        assert r["desktop_thp_mib"] == 0, "the desktop must age page by page, not in 2 MiB huge pages"
     # the RAM cap and the settings were live while the capped runs measured
     seen = {config: r["settings"] for config, r in runs.items()}
     assert runs["limit"].get("hugepages") is None and seen["limit"]["vm.nr_hugepages"] == "0"
