@@ -25,6 +25,7 @@ from support import CAP_SYS_RESOURCE, free_port, has_capability
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, GROUP = "agt-model-user", "autoglm"
+OUTSIDER = "agt-model-outsider"  # not in the group and without a session: polkit does not allow it
 LLAMA_PYTHON = Path(os.environ.get("AUTOGLM_LLAMA_VENV", "/opt/autoglm-llama-venv")) / "bin" / "python"
 VOCAB = Path(os.environ.get("AUTOGLM_LLAMA_CACHE", "/opt/llama-build")) / "vocab" / "ggml-vocab-llama-spm.gguf"
 WORK = "/srv/agt-model"  # inside the container (the overlay's upper directory)
@@ -36,6 +37,7 @@ def model_user(container: Container) -> Iterator[int]:
     subprocess.run([str(ROOT / "tests/setup-llama.sh")], check=True, timeout=3600)
     container.run("groupadd", "-f", GROUP)
     container.run("useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", "-G", GROUP, USER)
+    container.run("useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", OUTSIDER)
     rules = container.path("/etc/polkit-1/rules.d/50-autoglm-tune.rules")
     shutil.copy(ROOT / "systemd/polkit/50-autoglm-tune.rules", rules)
     rules.chmod(0o644)
@@ -47,20 +49,22 @@ def model_user(container: Container) -> Iterator[int]:
                    check=True, timeout=120)
     uid = int(container.run("id", "-u", USER).stdout)
     yield uid
-    container.run("pkill", "-KILL", "-u", USER, check=False)
-    container.run("userdel", USER, check=False)
+    for user in (USER, OUTSIDER):
+        container.run("pkill", "-KILL", "-u", user, check=False)
+        container.run("userdel", user, check=False)
     rules.unlink()
     shutil.rmtree(work, ignore_errors=True)
 
 
-def launcher(container: Container, uid: int, policy: dict, *extra: str) -> subprocess.Popen[str]:
+def launcher(container: Container, uid: int, policy: dict, *extra: str, log: str = "model.log"
+             ) -> subprocess.Popen[str]:
     path = container.path(f"{WORK}/policy.toml")
     path.write_text(tomli_w.dumps(policy))
     path.chmod(0o644)
     argv = ["nsenter", "-t", str(container.leader), "-a", "setpriv", f"--reuid={uid}", f"--regid={uid}",
             "--init-groups", "env", f"AUTOGLM_TUNE_ETC={WORK}/etc", f"HOME={WORK}", "PATH=/usr/bin:/bin",
             "/opt/autoglm-venv/bin/autoglm-tune", "launch", "--policy", f"{WORK}/policy.toml", "--json",
-            "--log", f"{WORK}/model.log", *extra]
+            "--log", f"{WORK}/{log}", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -142,6 +146,13 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         second = launcher(container, uid, {**policy, "model": {**policy["model"], "port": free_port()}})
         _, second_err = second.communicate(timeout=60)
         assert second.returncode == 2 and "one model unit per user" in second_err, second_err
+
+        # another user may not stop it, even one the polkit rule allows to start units of its own
+        outsider = container.run("setpriv", f"--reuid={OUTSIDER}", f"--regid={OUTSIDER}", "--init-groups",
+                                 "busctl", "--system", "call", BUS_NAME, OBJECT_PATH, INTERFACE, "StopModel", "s",
+                                 unit, check=False)
+        assert outsider.returncode != 0 and f"belongs to uid {uid}, not to the caller" in outsider.stderr, outsider
+        assert show(container, unit)["ActiveState"] == "active"
     finally:
         container.run("pkill", "-TERM", "-u", str(uid), "-f", "autoglm-tune launch", check=False)
         _, err = proc.communicate(timeout=60)
@@ -201,3 +212,44 @@ def test_stop_model_refuses_units_that_are_not_model_units(container: Container,
     name, text = helper_call(client, "StopModel", "s", ["dbus.service"])
     assert name == ERROR_PREFIX + "InvalidArgs" and "is not a model unit" in text
     assert inside(container, "systemctl", "is-active", "dbus.service").strip() == "active"
+
+
+def _outsider_policy(port: int, supervisor: str) -> dict:
+    return {"process": {"cpus": [0], "threads": 1, "nice": 0},
+            "model": {"preset": "llama-cpp-python", "program": str(LLAMA_PYTHON), "model_path": f"{WORK}/tiny.gguf",
+                      "port": port, "context_size": 256, "supervisor": supervisor, "keep_resident": "none",
+                      "ready_timeout_s": 120}}
+
+
+def test_a_user_polkit_refuses_gets_the_model_as_a_child_under_auto(container: Container, model_user: int) -> None:
+    """supervisor = "auto" on a systemd machine with the helper installed means a unit; when polkit refuses the
+    caller the launcher says so in one warning and runs the model itself. Asked for "systemd" explicitly, the
+    refusal is the answer: exit 3, nothing started."""
+    uid = int(container.run("id", "-u", OUTSIDER).stdout)
+    port = free_port()
+    refused = launcher(container, uid, _outsider_policy(port, "systemd"), log="outsider.log")
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 3 and "not authorized" in err.lower() and "Traceback" not in err, err
+    assert container.run("pgrep", "-u", str(uid), check=False).stdout == ""
+    assert inside(container, "systemctl", "list-units", "--all", "--plain", "--no-legend",
+                  f"{MODEL_UNIT_PREFIX}{uid}-*") == ""
+
+    proc = launcher(container, uid, _outsider_policy(port, "auto"), log="outsider.log")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ready = json.loads(line)
+        assert ready["event"] == "ready" and "unit" not in ready
+        status = inside(container, "cat", f"/proc/{ready['pid']}/status")
+        assert f"Uid:\t{uid}\t{uid}" in status
+        parent = int(next(x for x in status.splitlines() if x.startswith("PPid:")).split()[1])
+        assert "autoglm-tune" in inside(container, "cat", f"/proc/{parent}/cmdline")  # the launcher's own child
+        assert completion(port)["usage"]["completion_tokens"] >= 1
+    finally:
+        container.run("pkill", "-TERM", "-u", str(uid), "-f", "autoglm-tune launch", check=False)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    warnings = [x for x in err.splitlines() if "starting the model as a child of autoglm-tune" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("autoglm-tune: warning: "), err
+    assert container.run("pgrep", "-u", str(uid), check=False).stdout == ""
