@@ -37,7 +37,7 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool) -
             "the model's memory cannot be kept out of swap here (MemoryLow= needs systemd with cgroup v2; mlock "
             "misses the repacked Q4_0 weights): with zswap its incompressible weights cycled through the pool, "
             "heavy pressure ran 0.2 tok/s with 8.3 M major faults; with zswap off and the model in a memory cgroup "
-            "of its own, 17.6 tok/s (untuned 8.4; docs/BENCHMARKS.md)"
+            "of its own, 15.6 tok/s (untuned 7.7) and no OOM kill in 5 runs (docs/BENCHMARKS.md, 2026-11-27)"
         )
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
@@ -68,7 +68,8 @@ def swappiness(s: SwapSituation) -> tuple[int | None, str]:
     if s.zswap_on or s.zram_active:
         return 133, (
             "compressed swap is about twice as fast as file IO: x + 2x = 200 → 133 (vm.rst); "
-            "20 with zswap OOM-killed the desktop in 8 of 8 runs (research §9)"
+            "20 with zswap OOM-killed the desktop in 8 of 8 runs (research §9) and, with a desktop in 4 KiB pages, "
+            "ran the model at 0.4 tok/s under heavy pressure (untuned 7.7; docs/BENCHMARKS.md, 2026-11-27)"
         )
     if s.backing_class in ("nvme", "ssd"):
         return 100, "swap on SSD/NVMe costs about what file IO costs: equal weight 100 (vm.rst)"
