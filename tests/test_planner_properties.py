@@ -16,6 +16,7 @@ from typing import Any
 
 from autoglm_helper import catalogue
 from autoglm_helper.plan_schema import changes_from_plan, plan_from_json
+from autoglm_tune import rules
 from autoglm_tune.collect import mount_for, parse_cpulist
 from autoglm_tune.facts import (
     DEVICE_CLASSES,
@@ -483,6 +484,18 @@ def test_zswap_is_never_enabled_in_front_of_zram(case: tuple[Facts, Policy]) -> 
         assert not any(c.knob == "zswap.enabled" and c.target is True for c in plan.changes + plan.unchanged)
         assert not any(c.knob == "swap.file" for c in plan.changes)
         assert any("zram" in text for text in plan.conflicts)
+
+
+@PROPS
+@given(cases())
+def test_auto_zswap_is_on_only_with_the_model_protected_and_cpus_to_spare(case: tuple[Facts, Policy]) -> None:
+    facts, policy = case
+    if policy["zswap"]["enabled"] != AUTO or facts.container:
+        return
+    enabled = [c for c in make_plan(facts, policy).changes if c.knob == "zswap.enabled" and c.target is True]
+    protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
+    if enabled:
+        assert protected and len(facts.cpu.online) > rules.ZSWAP_MIN_CPUS, enabled[0].reason
 
 
 @PROPS

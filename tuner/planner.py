@@ -357,7 +357,7 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
         wants_zswap = None
         enable_reason = "the policy asks for zswap, but in front of the active zram swap it compresses every page twice"
     elif zram_active:
-        wants_zswap, enable_reason = rules.zswap_enabled(True, True, False)
+        wants_zswap, enable_reason = rules.zswap_enabled(True, True, False, len(facts.cpu.online))
     elif z["enabled"] == AUTO:
         wants_zswap, enable_reason = True, ""
     else:
@@ -367,7 +367,8 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
     if z["enabled"] == AUTO and not zram_active:
         protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
-        wants_zswap, enable_reason = rules.zswap_enabled(False, backing_class is not None, protected)
+        wants_zswap, enable_reason = rules.zswap_enabled(False, backing_class is not None, protected,
+                                                         len(facts.cpu.online))
     if file_change is not None:
         b.add(file_change)
 

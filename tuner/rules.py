@@ -16,6 +16,9 @@ GIB_KIB = 1024 * 1024
 # inference box is CPU-bound on few cores), zstd compresses best, lzo-rle/lzo exist everywhere.
 AUTO_COMPRESSORS = ("lz4", "zstd", "lzo-rle", "lzo")
 
+# CPUs at or below which zswap costs the model more than it saves (measured on 2: docs/BENCHMARKS.md).
+ZSWAP_MIN_CPUS = 2
+
 
 @dataclass(frozen=True)
 class SwapSituation:
@@ -26,8 +29,9 @@ class SwapSituation:
     zswap_on: bool  # zswap will be enabled after the plan
 
 
-def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool) -> tuple[bool | None, str]:
-    """On in front of disk swap only where the model's own memory can be kept out of it; off in front of zram."""
+def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, cpus: int) -> tuple[bool | None, str]:
+    """On in front of disk swap only where the model's own memory can be kept out of it and there are CPUs to spare
+    for compressing the rest; off in front of zram."""
     if zram_active:
         return False, "an active zram swap is present: zswap in front of zram compresses every page twice (Arch wiki)"
     if not has_backing:
@@ -39,9 +43,17 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool) -
             "heavy pressure ran 0.2 tok/s with 8.3 M major faults; with zswap off and the model in a memory cgroup "
             "of its own, 15.6 tok/s (untuned 7.7) and no OOM kill in 5 runs (docs/BENCHMARKS.md, 2026-11-27)"
         )
+    if cpus <= ZSWAP_MIN_CPUS:
+        return False, (
+            f"{cpus} CPU(s): with the model kept out of swap, zswap on 2 CPUs ran mild pressure at 6.0 tok/s against "
+            "15.1 with it off (untuned 10.2; p99 1.3 s: stalls, likely the model's threads compressing other pages in "
+            "direct reclaim), heavy 16.0 [0.8–17.1] against 15.6 "
+            "(docs/BENCHMARKS.md, 2026-11-27)"
+        )
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
-        "in its unit (not measured yet: the benchmark VM is cgroup v1 without systemd)"
+        f"in its unit; more than {ZSWAP_MIN_CPUS} CPUs leave room for compression (not measured: on 2 CPUs it "
+        "cost the model 0.30× against 0.88× of no pressure, docs/BENCHMARKS.md)"
     )
 
 
