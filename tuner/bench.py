@@ -589,21 +589,13 @@ def _majflt(pid: int) -> int | None:
         return None
 
 
-def _status_mib(pid: int, field: str) -> int | None:
+def _proc_mib(pid: int, file: str, field: str) -> int | None:
+    """A "Field:  N kB" line of /proc/PID/FILE in MiB; None when the process or the field is gone."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        text = Path(f"/proc/{pid}/{file}").read_text()
     except OSError:
         return None
     return next((int(line.split()[1]) // 1024 for line in text.splitlines() if line.startswith(f"{field}:")), None)
-
-
-def _anon_huge_mib(pid: int) -> int | None:
-    """The process's anonymous memory in transparent huge pages."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) // 1024 for line in text.splitlines() if line.startswith("AnonHugePages:")), None)
 
 
 def _free_port() -> int:
@@ -864,7 +856,7 @@ class Bench:
                 f"http://127.0.0.1:{port}/v1/completions", self.prompt, self.opts.tokens, SERVER_READY_S
             )
             after = _majflt(pid)
-            result["model_swap_mib"] = _status_mib(pid, "VmSwap")  # its own pages in swap: was it protected?
+            result["model_swap_mib"] = _proc_mib(pid, "status", "VmSwap")  # its own pages in swap: was it protected?
             result |= token_stats(begin, arrivals)
             result["majflt"] = after - flt if after is not None and flt is not None else None
             mem = meminfo()
@@ -872,7 +864,8 @@ class Bench:
             result["zswap_stored_pages"] = mem.get("Zswapped", 0) // 4
             result["zswap_ratio"] = round(mem["Zswapped"] / mem["Zswap"], 2) if mem.get("Zswap") else None
             result["desktop_alive"] = desk.poll() is None if desk else None
-            result["desktop_thp_mib"] = _anon_huge_mib(desk.pid) if desk and result["desktop_alive"] else None
+            if desk and result["desktop_alive"]:
+                result["desktop_thp_mib"] = _proc_mib(desk.pid, "smaps_rollup", "AnonHugePages")
             result["oom_kills"] = vmstat("oom_kill") - oom_before
             result["ok"] = result["tok_s"] is not None
         except (TuneError, OSError, ValueError, http.client.HTTPException, subprocess.CalledProcessError) as exc:

@@ -16,7 +16,7 @@ GIB_KIB = 1024 * 1024
 # inference box is CPU-bound on few cores), zstd compresses best, lzo-rle/lzo exist everywhere.
 AUTO_COMPRESSORS = ("lz4", "zstd", "lzo-rle", "lzo")
 
-# CPUs at or below which zswap costs the model more than it saves (measured on 2: docs/BENCHMARKS.md).
+# zswap stays off at this many CPUs or fewer: there it cost the model more than it saved (measured on 2).
 ZSWAP_MIN_CPUS = 2
 
 
@@ -53,7 +53,7 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, c
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
         f"in its unit; more than {ZSWAP_MIN_CPUS} CPUs leave room for compression (not measured: on 2 CPUs it "
-        "cost the model 0.30× against 0.88× of no pressure, docs/BENCHMARKS.md)"
+        "cost the model 0.30× of limit against 0.88× without it under mild pressure, docs/BENCHMARKS.md)"
     )
 
 
