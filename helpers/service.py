@@ -128,17 +128,21 @@ class Helper:
             raise HelperError("NotAuthorized", f"uid {caller['uid']} is not authorized for {action}")
 
     def on_message(self, msg: Message) -> bool | None:
+        # The descriptors that came with this message, taken now: dbus-fast hands a message with none the
+        # unmarshaller's own list, which the next message's descriptors are then appended to (dbus 1.16's
+        # GetConnectionCredentials reply carries the caller's pidfd). Each descriptor is closed exactly once.
+        fds = tuple(msg.unix_fds)
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
                 or msg.interface != INTERFACE or msg.member not in SIGNATURES):
-            for fd in msg.unix_fds:  # descriptors sent along with anything else are not kept open
+            for fd in fds:  # descriptors sent along with anything else are not kept open
                 os.close(fd)
             return None
-        task = asyncio.ensure_future(self.serve(msg))
+        task = asyncio.ensure_future(self.serve(msg, fds))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
 
-    async def serve(self, msg: Message) -> None:
+    async def serve(self, msg: Message, fds: tuple[int, ...]) -> None:
         self.busy += 1
         caller: dict[str, Any] = {"uid": None, "pid": None}
         report: dict[str, Any] = {}
@@ -151,7 +155,7 @@ class Helper:
                                   f"allowed: ({wanted})")
             if msg.member in ACTIONS and not (msg.member in DRY_RUN_ARG and msg.body[DRY_RUN_ARG[msg.member]]):
                 await self.authorize(msg.sender, caller, ACTIONS[msg.member])
-            report = await self.call(msg, caller)
+            report = await self.call(msg, caller, fds)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
         except OSError as exc:  # systemd refused or a /proc write failed: the caller gets the reason
@@ -165,7 +169,7 @@ class Helper:
             log.exception("%s failed", msg.member)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
             result, detail = "error", repr(exc)
-        for fd in msg.unix_fds:  # systemd holds its own copy of a passed log descriptor
+        for fd in fds:  # systemd holds its own copy of a passed log descriptor
             os.close(fd)
         self.audit(caller, msg.member, report, result, detail)
         self.bus.send(reply)
@@ -174,7 +178,7 @@ class Helper:
         self.busy -= 1
         self.last_call = time.monotonic()
 
-    async def call(self, msg: Message, caller: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, msg: Message, caller: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
         """Run one authorized method; the engine and systemd calls run in a worker thread."""
         body, uid = msg.body, caller["uid"]
         if msg.member == "Status":
@@ -187,12 +191,12 @@ class Helper:
             return await asyncio.to_thread(model.stop_model, self.engine.systemd, body[0], uid)
         async with self.lock:
             if msg.member == "StartModel":
-                if not 0 <= body[1] < len(msg.unix_fds):
+                if not 0 <= body[1] < len(fds):
                     raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
                                       "open for writing")
                 request = model.unit_request(body[0], os.cpu_count() or 1, model.mem_total())
                 return await asyncio.to_thread(model.start_model, self.engine.systemd, request, uid,
-                                               msg.unix_fds[body[1]])
+                                               fds[body[1]])
             if msg.member == "Apply":
                 return await asyncio.to_thread(self.engine.apply, body[0], body[1], body[2], caller)
             return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])
