@@ -1,6 +1,7 @@
 """`autoglm-tune system install|uninstall`: put the boot unit, the helper unit, the D-Bus policy and
-activation files and the polkit actions where systemd, dbus-daemon and polkitd read them; reload what
-must be reloaded; and remove exactly that again.
+activation files and the polkit actions where systemd, dbus-daemon and polkitd read them, link the commands
+into /usr/local/bin (on sudo's PATH); reload what must be reloaded; and remove exactly that again.
+An installation the helper unit's sandbox could not execute (under /home, /root, /tmp…) is refused.
 
 Idempotent: a file already installed with the same content is left alone. What was installed is listed
 in a manifest (path and SHA-256) so that `uninstall` removes those files and nothing else; a file
@@ -23,6 +24,16 @@ from .errors import BadInput, TuneError, fail
 UNIT_DIR = "usr/local/lib/systemd/system"
 MANIFEST = "var/lib/autoglm-tune/system-install.json"
 HELPER_ALIAS = "dbus-io.github.autoglm_tune.Helper1.service"
+HELPER_UNIT = "autoglm-tune-helper.service"
+COMMANDS = ("autoglm-tune", "autoglm-tune-helper")
+# sudo's secure_path on Debian and Ubuntu, and every login PATH, include /usr/local/bin: the commands are
+# linked there so `sudo autoglm-tune …` and the units find the installation wherever it lives.
+COMMAND_DIR = "usr/local/bin"
+# What a unit's sandbox directive hides from the program it starts (systemd.exec(5)).
+HIDDEN_BY = {
+    "ProtectHome=yes": ("/home", "/root", "/run/user"),
+    "PrivateTmp=yes": ("/tmp", "/var/tmp"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,26 @@ class SystemFailed(TuneError):
     """Writing or removing a system file failed (what was done so far stays listed in the manifest)."""
 
     exit_code = 4
+
+
+def _hidden_from_helper() -> dict[str, str]:
+    """{path prefix: the helper unit's directive that hides it}, read from the shipped unit itself."""
+    from importlib import resources
+
+    unit = resources.files("autoglm_tune.systemd").joinpath(HELPER_UNIT).read_text().splitlines()
+    return {prefix: directive for directive, prefixes in HIDDEN_BY.items() if directive in unit
+            for prefix in prefixes}
+
+
+def check_reachable(scripts: Path) -> None:
+    """Refuse an installation the helper unit's sandbox cannot execute (systemd would fail it with
+    203/EXEC at the first D-Bus activation, long after install said nothing)."""
+    real = scripts.resolve()
+    for prefix, directive in _hidden_from_helper().items():
+        if real == Path(prefix) or Path(prefix) in real.parents:
+            raise BadInput(f"{real / 'autoglm-tune-helper'}: under {prefix}, which the helper unit's {directive} "
+                           "hides from it; allowed: an installation outside /home, /root, /run/user, /tmp and "
+                           "/var/tmp, e.g. `sudo python3 -m venv /opt/autoglm-tune` (README)")
 
 
 def _content(f: SystemFile, scripts: Path) -> bytes:
@@ -128,11 +159,15 @@ def install_files(root: Path, dry_run: bool) -> list[str]:
     import sysconfig
 
     scripts = Path(sysconfig.get_path("scripts"))
+    check_reachable(scripts)
     wanted: dict[Path, tuple[str, bytes | None]] = {}
     for f in FILES:
         data = _content(f, scripts)
         wanted[root / f.dest] = (_sha(data), data)
-    wanted[root / UNIT_DIR / HELPER_ALIAS] = ("symlink:autoglm-tune-helper.service", None)
+    wanted[root / UNIT_DIR / HELPER_ALIAS] = (f"symlink:{HELPER_UNIT}", None)
+    if scripts.resolve() != Path("/", COMMAND_DIR):
+        for name in COMMANDS:
+            wanted[root / COMMAND_DIR / name] = (f"symlink:{scripts / name}", None)
     manifest = _load_manifest(root)
     for path, (fingerprint, _) in wanted.items():
         found = _fingerprint(path)
@@ -213,7 +248,8 @@ def _run(action: str, root: Path, dry_run: bool) -> None:
 
 @system_app.command()
 def install(root: RootOpt = Path("/"), dry_run: DryRunOpt = False) -> None:
-    """Install the boot unit, the helper unit, D-Bus policy and activation file, polkit actions; reload."""
+    """Install the boot unit, the helper unit, D-Bus policy and activation file, polkit actions, and the
+    commands in /usr/local/bin; reload."""
     _run("install", root, dry_run)
 
 

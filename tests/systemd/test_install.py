@@ -19,6 +19,8 @@ DESTS = (
     "usr/share/dbus-1/system.d/io.github.autoglm_tune.Helper1.conf",
     "usr/share/dbus-1/system-services/io.github.autoglm_tune.Helper1.service",
     "usr/share/polkit-1/actions/io.github.autoglm_tune.policy",
+    "usr/local/bin/autoglm-tune",
+    "usr/local/bin/autoglm-tune-helper",
 )
 MANIFEST = "var/lib/autoglm-tune/system-install.json"
 
@@ -48,6 +50,9 @@ def test_install_is_idempotent_and_uninstall_exact(tmp_path: Path) -> None:
     assert f"ExecStart={Path(CLI).parent}/autoglm-tune-helper ".encode() in helper_unit  # type: ignore[operator]
     assert installed["usr/local/lib/systemd/system/dbus-io.github.autoglm_tune.Helper1.service"] == \
         "-> autoglm-tune-helper.service"
+    # on sudo's secure_path, pointing at this installation
+    assert installed["usr/local/bin/autoglm-tune"] == f"-> {CLI}"
+    assert installed["usr/local/bin/autoglm-tune-helper"] == f"-> {Path(CLI).parent}/autoglm-tune-helper"
 
     again = cli("install", "--root", str(tmp_path))
     assert again.returncode == 0 and again.stdout.count("unchanged") == len(DESTS)
@@ -75,6 +80,37 @@ def test_foreign_file_is_never_overwritten(tmp_path: Path) -> None:
     assert r.stderr.strip() == (f"autoglm-tune: error: {foreign}: exists and was not installed by autoglm-tune; "
                                 "allowed: remove it first, then run install again")
     assert tree(tmp_path) == before
+
+
+def installation_at(prefix: Path) -> Path:
+    """A venv at `prefix` that runs this test venv's autoglm-tune: its own sys.prefix and scripts folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    site = next((prefix / "lib").glob("python3*")) / "site-packages"
+    (site / "tested.pth").write_text(next(Path(sys.prefix, "lib").glob("python3*/site-packages")).as_posix() + "\n")
+    return prefix / "bin" / "python"
+
+
+@pytest.mark.parametrize("under", ["/home", "/root", "/tmp"])
+def test_an_installation_the_helper_sandbox_cannot_reach_is_refused(tmp_path: Path, under: str) -> None:
+    """ProtectHome=yes / PrivateTmp=yes hide these folders from the helper unit: systemd would fail it with
+    203/EXEC at its first activation, so install refuses instead of saying nothing."""
+    prefix = Path(under) / f"autoglm-test-venv-{tmp_path.name}"
+    try:
+        python = installation_at(prefix)
+        root = tmp_path / "root"
+        root.mkdir()
+        r = subprocess.run([str(python), "-c", "import sys; from autoglm_tune.cli import main; "
+                            "sys.argv = ['autoglm-tune', *sys.argv[1:]]; main()", "system", "install", "--root",
+                            str(root)], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["rm", "-rf", str(prefix)], check=True)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    directive = "PrivateTmp=yes" if under == "/tmp" else "ProtectHome=yes"
+    assert r.stderr.strip() == (f"autoglm-tune: error: {prefix}/bin/autoglm-tune-helper: under {under}, which the "
+                                f"helper unit's {directive} hides from it; allowed: an installation outside /home, "
+                                "/root, /run/user, /tmp and /var/tmp, e.g. `sudo python3 -m venv /opt/autoglm-tune` "
+                                "(README)")
+    assert list(root.iterdir()) == []
 
 
 @pytest.mark.parametrize("args", [("install", "--root", "/nonexistent/dir"), ("uninstall", "--root", "/etc/hostname")])
