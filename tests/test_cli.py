@@ -14,6 +14,7 @@ import pytest
 from autoglm_helper.plan_schema import changes_from_plan
 from support import CLI
 from support import run_cli as run
+from trees import build_tree
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +160,20 @@ def test_bad_policy_through_the_cli_changes_nothing_and_names_the_key(tmp_path: 
     proc = run("diff", "--policy", policy(tmp_path, "[vm]\nswappiness = 500\n"))
     assert_one_line_error(proc, "[vm] swappiness = 500", "allowed: an integer 0–200")
     assert json.loads(run("facts", "--json").stdout)["knobs"] == json.loads(before)["knobs"]
+
+
+def test_units_are_left_alone_where_systemd_is_not_pid_1(tmp_path: Path) -> None:
+    """A container, WSL or a plain VM: the helper cannot change units there, so the plan holds none (apply
+    would otherwise refuse the whole plan) and a note says why."""
+    root = build_tree("no-swap-4g", tmp_path / "root")  # cups, bluetooth, ModemManager: disabled with systemd
+    with_systemd = json.loads(run("plan", "--json", "--sysroot", str(root)).stdout)
+    assert any(c["knob"] == "unit" for c in with_systemd["changes"])
+    (root / "run/systemd/system").rmdir()
+    proc = run("plan", "--json", "--sysroot", str(root))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert [c for c in plan["changes"] + plan["unchanged"] if c["knob"] == "unit"] == []
+    assert any("services left alone: systemd is not PID 1" in n for n in plan["notes"]), plan["notes"]
 
 
 def test_unknown_flag_is_a_usage_error_without_traceback() -> None:

@@ -580,6 +580,19 @@ def test_never_touch_units_are_never_changed(case: tuple[Facts, Policy]) -> None
             assert not catalogue.is_never_touch(c.unit or "", policy["services"]["never_touch"])
 
 
+@PROPS
+@given(cases())
+def test_units_only_where_systemd_runs(case: tuple[Facts, Policy]) -> None:
+    """Only systemd changes units: without it the helper refuses a plan holding any, so there are none."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    units = [c for c in plan.changes + plan.unchanged if c.knob == "unit"]
+    if not facts.systemd_running:
+        assert units == []
+        if policy["services"]["disable"] or policy["services"]["mask"]:
+            assert any("systemd is not PID 1" in n for n in plan.notes)
+
+
 # ---- purity and determinism ---------------------------------------------------------------------
 
 

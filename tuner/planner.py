@@ -236,9 +236,16 @@ def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str,
 
 
 def _units(b: _Builder, policy: Policy) -> None:
+    """Disable or mask the policy's redundant units; only where systemd runs, as only it can change them."""
     services = policy["services"]
     masked = set(services["mask"])
     wanted = sorted(set(services["disable"]) | masked)
+    if wanted and not b.facts.systemd_running:
+        b.notes.append(
+            "services left alone: systemd is not PID 1 on this machine (no /run/systemd/system), so the helper "
+            "cannot change units; [services] disable and mask take effect where systemd runs"
+        )
+        return
     if not b.facts.units:
         if wanted:
             b.notes.append("services left alone: no unit files found on this machine")
