@@ -515,6 +515,25 @@ def test_swap_file_only_when_there_is_no_swap(case: tuple[Facts, Policy]) -> Non
         assert c.priority == policy["swap"]["priorities"][chosen.device_class]
 
 
+def zswap_on_after(plan: Plan, facts: Facts) -> bool:
+    """Whether zswap is on once the plan is applied: its planned target, else the value found."""
+    planned = [c.target for c in plan.changes + plan.unchanged if c.knob == "zswap.enabled"]
+    if planned:
+        return planned[0] is True
+    return facts.zswap.present and facts.knobs.get("zswap.enabled", "").strip() in ("Y", "1")
+
+
+@PROPS
+@given(cases())
+def test_no_swap_file_for_zswap_while_zswap_stays_off(case: tuple[Facts, Policy]) -> None:
+    """zswap is decided first: a swap file planned to back it comes only with zswap on (it once came with it off)."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    for c in plan.changes:
+        if c.knob == "swap.file" and "zswap" in c.reason.split(";")[0]:
+            assert zswap_on_after(plan, facts), (c.reason, [n for n in plan.notes if "zswap" in n])
+
+
 # ---- every change ------------------------------------------------------------------------------
 
 

@@ -134,10 +134,11 @@ def _choose(policy_value: Any, auto: tuple[Any, str], what: str) -> tuple[Any, s
     return policy_value, f"set by the policy ({what} = {json.dumps(policy_value)})"
 
 
-def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | None, Change | None]:
-    """Plan a swap file when zswap needs backing swap and no disk swap exists: on the fastest device."""
+def _swap_file(b: _Builder, policy: Policy) -> tuple[str | None, Change | None]:
+    """A swap file on the fastest device to back a zswap planned on where no disk swap exists (zswap stores
+    nothing without one); (None, None), with a note saying why, when none can be made."""
     swap = policy["swap"]
-    if swap["file"] != AUTO or not wants_zswap:
+    if swap["file"] != AUTO:
         return None, None
     candidates = []
     for order, directory in enumerate(swap["file_dirs"]):
@@ -162,7 +163,7 @@ def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | No
         current=None,
         target=size,
         persistence="persistent",
-        reason=f"zswap needs backing swap and there is none; {size} MiB on the {mount.device_class} "
+        reason=f"zswap is planned on and needs backing swap, and there is none; {size} MiB on the {mount.device_class} "
         f"holding {mount.mount_point}: {basis}",
         path=path,
         priority=swap["priorities"][mount.device_class],
@@ -348,13 +349,19 @@ def _conflicts(facts: Facts) -> list[str]:
     return conflicts
 
 
+def _auto_zswap(facts: Facts, has_backing: bool) -> tuple[bool | None, str]:
+    """zswap = "auto" without zram: the rule, with the model protected where systemd gives it MemoryLow=."""
+    protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
+    return rules.zswap_enabled(False, has_backing, protected, len(facts.cpu.online))
+
+
 def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     """Swap, zswap and vm sysctls: kernel-wide, so only planned outside containers."""
     z, vm = policy["zswap"], policy["vm"]
     zram_active = any(a.device_class == "zram" for a in facts.swaps)
     disk_swaps = [a for a in facts.swaps if a.device_class != "zram"]
 
-    # 1. does zswap want to be on, and does it need a swap file to stand on?
+    # 1. is zswap to be on? Only then does it need a swap file to stand on where there is no disk swap.
     explicit = f"set by the policy ([zswap] enabled = {json.dumps(z['enabled'])})"
     if z["enabled"] == KEEP:
         wants_zswap, enable_reason = None, KEPT
@@ -366,16 +373,16 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     elif zram_active:
         wants_zswap, enable_reason = rules.zswap_enabled(True, True, False, len(facts.cpu.online))
     elif z["enabled"] == AUTO:
-        wants_zswap, enable_reason = True, ""
+        wants_zswap, enable_reason = _auto_zswap(facts, has_backing=True)  # disk swap, or the file planned below
     else:
         wants_zswap, enable_reason = True, explicit
-    file_class, file_change = _swap_file(b, policy, wants_zswap is True and not disk_swaps and not zram_active)
+    file_class, file_change = None, None
+    if wants_zswap is True and facts.zswap.present and not disk_swaps:
+        file_class, file_change = _swap_file(b, policy)
+        if file_change is None and z["enabled"] == AUTO:
+            wants_zswap, enable_reason = _auto_zswap(facts, has_backing=False)
     classes = [a.device_class for a in disk_swaps] + ([file_class] if file_class else [])
     backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
-    if z["enabled"] == AUTO and not zram_active:
-        protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
-        wants_zswap, enable_reason = rules.zswap_enabled(False, backing_class is not None, protected,
-                                                         len(facts.cpu.online))
     if file_change is not None:
         b.add(file_change)
 
