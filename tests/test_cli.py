@@ -176,6 +176,22 @@ def test_units_are_left_alone_where_systemd_is_not_pid_1(tmp_path: Path) -> None
     assert any("services left alone: systemd is not PID 1" in n for n in plan["notes"]), plan["notes"]
 
 
+def test_more_threads_than_online_cpus_is_bad_input(tmp_path: Path) -> None:
+    """The policy cannot know the CPU count; the plan can: threads beyond the online CPUs is exit 2, here and for a
+    fleet's facts folder (naming the host's file)."""
+    root = build_tree("smt-2c4t", tmp_path / "root")  # 4 online CPUs
+    ok = run("plan", "--json", "--sysroot", str(root), "--policy", policy(tmp_path, "[process]\nthreads = 4\n"))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["process"]["threads"] == 4, ok.stderr
+    too_many = policy(tmp_path, "[process]\nthreads = 1000\n")
+    needles = ["[process] threads = 1000", "4 online CPUs", 'allowed: an integer 1–4 or "auto"']
+    assert_one_line_error(run("plan", "--sysroot", str(root), "--policy", too_many), *needles)
+    fleet = tmp_path / "facts"
+    fleet.mkdir()
+    (fleet / "laptop.json").write_text(run("facts", "--json", "--sysroot", str(root)).stdout)
+    in_fleet = run("plan", "--facts", str(fleet), "--policy", too_many)
+    assert_one_line_error(in_fleet, f"--facts {fleet / 'laptop.json'}: ", *needles)
+
+
 def test_unknown_flag_is_a_usage_error_without_traceback() -> None:
     proc = run("plan", "--bogus")
     assert proc.returncode == 2

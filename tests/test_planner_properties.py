@@ -14,10 +14,12 @@ import posixpath
 import tomllib
 from typing import Any
 
+import pytest
 from autoglm_helper import catalogue
 from autoglm_helper.plan_schema import changes_from_plan, plan_from_json
 from autoglm_tune import rules
 from autoglm_tune.collect import mount_for, parse_cpulist
+from autoglm_tune.errors import BadInput
 from autoglm_tune.facts import (
     DEVICE_CLASSES,
     FACTS_VERSION,
@@ -332,12 +334,12 @@ def policy_doc(draw: st.DrawFn, online: list[int]) -> dict[str, dict[str, Any]]:
         "process": {
             "cpus": value_or(["auto"], st.lists(st.sampled_from(online), min_size=1, unique=True)),
             "reserve_cores": value_or(["auto"], st.integers(0, 64)),
-            "threads": value_or(["auto"], st.integers(1, 1024)),
+            "threads": value_or(["auto"], st.integers(1, max(1, len(online)))),
             "sched_policy": st.sampled_from(catalogue.SCHED_POLICIES),
-            "nice": st.integers(*catalogue.NICE_RANGE),
+            "nice": st.integers(*catalogue.MODEL_NICE_RANGE),
             "io_class": st.sampled_from(catalogue.IO_CLASSES),
             "io_priority": st.integers(*catalogue.IO_PRIORITY_RANGE),
-            "oom_score_adj": st.integers(*catalogue.OOM_SCORE_ADJ_RANGE),
+            "oom_score_adj": st.integers(*catalogue.MODEL_OOM_SCORE_ADJ_RANGE),
         },
     }
     doc: dict[str, dict[str, Any]] = {}
@@ -414,8 +416,9 @@ def test_cpu_set_is_a_nonempty_sorted_subset_of_online(case: tuple[Facts, Policy
     assert set(process.cpus) <= set(facts.cpu.online)
     if policy["process"]["cpus"] != AUTO:
         assert process.cpus == list(policy["process"]["cpus"])
-    assert catalogue.NICE_RANGE[0] <= process.nice <= catalogue.NICE_RANGE[1]
-    assert catalogue.OOM_SCORE_ADJ_RANGE[0] <= process.oom_score_adj <= catalogue.OOM_SCORE_ADJ_RANGE[1]
+    assert catalogue.MODEL_NICE_RANGE[0] <= process.nice <= catalogue.MODEL_NICE_RANGE[1]
+    assert catalogue.MODEL_OOM_SCORE_ADJ_RANGE[0] <= process.oom_score_adj <= catalogue.MODEL_OOM_SCORE_ADJ_RANGE[1]
+    assert 1 <= process.threads <= max(1, len(facts.cpu.online))
     assert process.sched_policy in catalogue.SCHED_POLICIES and process.io_class in catalogue.IO_CLASSES
 
 
@@ -428,6 +431,19 @@ def test_threads_match_the_cpu_set(case: tuple[Facts, Policy]) -> None:
         assert process.threads == len(process.cpus)
     else:
         assert process.threads == policy["process"]["threads"]
+
+
+@PROPS
+@given(facts_strategy(), st.integers(1, 1024))
+def test_threads_beyond_the_online_cpus_are_refused(facts: Facts, threads: int) -> None:
+    """Only the facts know the CPU count: the plan refuses what the policy alone could not."""
+    policy = make_policy({"process": {"threads": threads}})
+    if threads <= len(facts.cpu.online):
+        assert make_plan(facts, policy).process.threads == threads
+        return
+    allowed = f"allowed: an integer 1–{len(facts.cpu.online)}"
+    with pytest.raises(BadInput, match=rf"^\[process\] threads = {threads}: .*{allowed}"):
+        make_plan(facts, policy)
 
 
 # ---- swap --------------------------------------------------------------------------------------

@@ -322,6 +322,11 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
     if not cpus:
         auto_threads = (1, "CPU topology unknown: one thread and no pinning")
     threads, basis = _choose(p["threads"], auto_threads, "[process] threads")
+    if online and threads > len(online):  # more threads than CPUs only contend with each other in every step
+        raise BadInput(
+            f"[process] threads = {threads}: more than the {len(online)} online CPUs here; "
+            f'allowed: an integer 1–{len(online)} or "auto"'
+        )
     reasons.append(f"threads {threads}: {basis}")
     nice, basis = _choose(p["nice"], rules.model_nice(), "[process] nice")
     reasons.append(f"nice {nice}: {basis}")
