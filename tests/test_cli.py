@@ -192,6 +192,32 @@ def test_more_threads_than_online_cpus_is_bad_input(tmp_path: Path) -> None:
     assert_one_line_error(in_fleet, f"--facts {fleet / 'laptop.json'}: ", *needles)
 
 
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ("[vm]\nswappiness = 20\n", True),  # the blog recipe, zswap planned on (auto) in front of the disk swap
+        ("[vm]\nswappiness = 60\n", True),
+        ("[vm]\nswappiness = 61\n", False),
+        ("[vm]\nswappiness = 20\n[zswap]\nenabled = false\n", False),
+        ('[vm]\nswappiness = "keep"\n', True),  # the kernel's 60 stays, with zswap turned on
+        ("", False),  # auto: 133
+    ],
+)
+def test_low_swappiness_with_zswap_is_a_conflict(tmp_path: Path, text: str, warned: bool) -> None:
+    """Measured: the recipe's swappiness 20 with zswap OOM-killed the desktop; the plan and diff say so."""
+    root = build_tree("nvme-hdd-swap", tmp_path / "root")
+    proc = run("plan", "--json", "--sysroot", str(root), "--policy", policy(tmp_path, text))
+    assert proc.returncode == 0, proc.stderr
+    conflicts = [c for c in json.loads(proc.stdout)["conflicts"] if c.startswith("vm.swappiness")]
+    assert len(conflicts) == warned, conflicts
+    if warned:
+        for needle in ("with zswap on: measured to OOM-kill the desktop", "5 of 5 heavy runs",
+                       "docs/bench/2026-11-26-heavy-mild.json", "0.4 tok/s", "docs/BENCHMARKS.md"):
+            assert needle in conflicts[0]
+        diff = run("diff", "--sysroot", str(root), "--policy", str(tmp_path / "policy.toml"))
+        assert f"conflict: {conflicts[0]}" in diff.stdout
+
+
 def test_unknown_flag_is_a_usage_error_without_traceback() -> None:
     proc = run("plan", "--bogus")
     assert proc.returncode == 2

@@ -550,6 +550,31 @@ def test_no_swap_file_for_zswap_while_zswap_stays_off(case: tuple[Facts, Policy]
             assert zswap_on_after(plan, facts), (c.reason, [n for n in plan.notes if "zswap" in n])
 
 
+@st.composite
+def zswap_asked_cases(draw: st.DrawFn) -> tuple[Facts, Policy]:
+    """Cases where the policy asks for zswap on a kernel that has it (rare among all cases), any swappiness."""
+    facts = draw(facts_strategy().filter(lambda f: f.zswap.present and not f.container))
+    doc = draw(policy_doc(facts.cpu.online))
+    doc.setdefault("zswap", {})["enabled"] = draw(st.sampled_from([True, AUTO]))
+    return facts, make_policy(doc)
+
+
+@PROPS
+@given(st.one_of(cases(), zswap_asked_cases()))
+def test_low_swappiness_with_zswap_on_is_always_a_conflict(case: tuple[Facts, Policy]) -> None:
+    """Whatever sets it (policy, auto or keep), swappiness at or below the measured OOM threshold with zswap on is
+    reported, and only then."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    planned = [c.target for c in plan.changes + plan.unchanged if c.knob == "vm.swappiness"]
+    raw = facts.knobs.get("vm.swappiness", "").strip()
+    swappiness = planned[0] if planned else (int(raw) if raw.lstrip("-").isdigit() else None)
+    expected = (not facts.container and zswap_on_after(plan, facts) and swappiness is not None
+                and swappiness <= rules.LOW_SWAPPINESS_WITH_ZSWAP)
+    warned = [c for c in plan.conflicts if c.startswith("vm.swappiness")]
+    assert len(warned) == expected, (swappiness, warned)
+
+
 # ---- every change ------------------------------------------------------------------------------
 
 

@@ -89,6 +89,7 @@ class _Builder:
         self.changes: list[Change] = []
         self.unchanged: list[Change] = []
         self.notes: list[str] = []
+        self.conflicts: list[str] = []  # settings of the plan itself that measurements warn against
 
     def current(self, knob_name: str) -> Value | None:
         raw = self.facts.knobs.get(knob_name)
@@ -396,6 +397,11 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     zswap_on = _zswap(b, policy, wants_zswap, enable_reason, zram_active)
     situation = rules.SwapSituation(zram_active=zram_active, backing_class=backing_class, zswap_on=zswap_on)
     b.scalar("vm.swappiness", *_choose(vm["swappiness"], rules.swappiness(situation), "[vm] swappiness"))
+    planned = [c.target for c in b.changes + b.unchanged if c.knob == "vm.swappiness"]
+    swappiness = planned[0] if planned else b.current("vm.swappiness")  # kept: the value found stays
+    risk = rules.low_swappiness_risk(swappiness if isinstance(swappiness, int) else None, zswap_on)
+    if risk:
+        b.conflicts.append(risk)
     b.scalar(
         "vm.vfs_cache_pressure",
         *_choose(vm["vfs_cache_pressure"], rules.vfs_cache_pressure(), "[vm] vfs_cache_pressure"),
@@ -439,5 +445,5 @@ def make_plan(facts: Facts, policy: Policy) -> Plan:
         unchanged=b.unchanged,
         process=_process(facts, policy),
         notes=b.notes,
-        conflicts=_conflicts(facts),
+        conflicts=_conflicts(facts) + b.conflicts,
     )
