@@ -14,6 +14,7 @@ import pytest
 from autoglm_helper.plan_schema import changes_from_plan
 from support import CLI
 from support import run_cli as run
+from trees import build_tree
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +160,62 @@ def test_bad_policy_through_the_cli_changes_nothing_and_names_the_key(tmp_path: 
     proc = run("diff", "--policy", policy(tmp_path, "[vm]\nswappiness = 500\n"))
     assert_one_line_error(proc, "[vm] swappiness = 500", "allowed: an integer 0–200")
     assert json.loads(run("facts", "--json").stdout)["knobs"] == json.loads(before)["knobs"]
+
+
+def test_units_are_left_alone_where_systemd_is_not_pid_1(tmp_path: Path) -> None:
+    """A container, WSL or a plain VM: the helper cannot change units there, so the plan holds none (apply
+    would otherwise refuse the whole plan) and a note says why."""
+    root = build_tree("no-swap-4g", tmp_path / "root")  # cups, bluetooth, ModemManager: disabled with systemd
+    with_systemd = json.loads(run("plan", "--json", "--sysroot", str(root)).stdout)
+    assert any(c["knob"] == "unit" for c in with_systemd["changes"])
+    (root / "run/systemd/system").rmdir()
+    proc = run("plan", "--json", "--sysroot", str(root))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert [c for c in plan["changes"] + plan["unchanged"] if c["knob"] == "unit"] == []
+    assert any("services left alone: systemd is not PID 1" in n for n in plan["notes"]), plan["notes"]
+
+
+def test_more_threads_than_online_cpus_is_bad_input(tmp_path: Path) -> None:
+    """The policy cannot know the CPU count; the plan can: threads beyond the online CPUs is exit 2, here and for a
+    fleet's facts folder (naming the host's file)."""
+    root = build_tree("smt-2c4t", tmp_path / "root")  # 4 online CPUs
+    ok = run("plan", "--json", "--sysroot", str(root), "--policy", policy(tmp_path, "[process]\nthreads = 4\n"))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["process"]["threads"] == 4, ok.stderr
+    too_many = policy(tmp_path, "[process]\nthreads = 1000\n")
+    needles = ["[process] threads = 1000", "4 online CPUs", 'allowed: an integer 1–4 or "auto"']
+    assert_one_line_error(run("plan", "--sysroot", str(root), "--policy", too_many), *needles)
+    fleet = tmp_path / "facts"
+    fleet.mkdir()
+    (fleet / "laptop.json").write_text(run("facts", "--json", "--sysroot", str(root)).stdout)
+    in_fleet = run("plan", "--facts", str(fleet), "--policy", too_many)
+    assert_one_line_error(in_fleet, f"--facts {fleet / 'laptop.json'}: ", *needles)
+
+
+@pytest.mark.parametrize(
+    ("text", "warned"),
+    [
+        ("[vm]\nswappiness = 20\n", True),  # the blog recipe, zswap planned on (auto) in front of the disk swap
+        ("[vm]\nswappiness = 60\n", True),
+        ("[vm]\nswappiness = 61\n", False),
+        ("[vm]\nswappiness = 20\n[zswap]\nenabled = false\n", False),
+        ('[vm]\nswappiness = "keep"\n', True),  # the kernel's 60 stays, with zswap turned on
+        ("", False),  # auto: 133
+    ],
+)
+def test_low_swappiness_with_zswap_is_a_conflict(tmp_path: Path, text: str, warned: bool) -> None:
+    """Measured: the recipe's swappiness 20 with zswap OOM-killed the desktop; the plan and diff say so."""
+    root = build_tree("nvme-hdd-swap", tmp_path / "root")
+    proc = run("plan", "--json", "--sysroot", str(root), "--policy", policy(tmp_path, text))
+    assert proc.returncode == 0, proc.stderr
+    conflicts = [c for c in json.loads(proc.stdout)["conflicts"] if c.startswith("vm.swappiness")]
+    assert len(conflicts) == warned, conflicts
+    if warned:
+        for needle in ("with zswap on: measured to OOM-kill the desktop", "5 of 5 heavy runs",
+                       "docs/bench/2026-11-26-heavy-mild.json", "0.4 tok/s", "docs/BENCHMARKS.md"):
+            assert needle in conflicts[0]
+        diff = run("diff", "--sysroot", str(root), "--policy", str(tmp_path / "policy.toml"))
+        assert f"conflict: {conflicts[0]}" in diff.stdout
 
 
 def test_unknown_flag_is_a_usage_error_without_traceback() -> None:

@@ -14,10 +14,12 @@ import posixpath
 import tomllib
 from typing import Any
 
+import pytest
 from autoglm_helper import catalogue
 from autoglm_helper.plan_schema import changes_from_plan, plan_from_json
 from autoglm_tune import rules
 from autoglm_tune.collect import mount_for, parse_cpulist
+from autoglm_tune.errors import BadInput
 from autoglm_tune.facts import (
     DEVICE_CLASSES,
     FACTS_VERSION,
@@ -332,12 +334,12 @@ def policy_doc(draw: st.DrawFn, online: list[int]) -> dict[str, dict[str, Any]]:
         "process": {
             "cpus": value_or(["auto"], st.lists(st.sampled_from(online), min_size=1, unique=True)),
             "reserve_cores": value_or(["auto"], st.integers(0, 64)),
-            "threads": value_or(["auto"], st.integers(1, 1024)),
+            "threads": value_or(["auto"], st.integers(1, max(1, len(online)))),
             "sched_policy": st.sampled_from(catalogue.SCHED_POLICIES),
-            "nice": st.integers(*catalogue.NICE_RANGE),
+            "nice": st.integers(*catalogue.MODEL_NICE_RANGE),
             "io_class": st.sampled_from(catalogue.IO_CLASSES),
             "io_priority": st.integers(*catalogue.IO_PRIORITY_RANGE),
-            "oom_score_adj": st.integers(*catalogue.OOM_SCORE_ADJ_RANGE),
+            "oom_score_adj": st.integers(*catalogue.MODEL_OOM_SCORE_ADJ_RANGE),
         },
     }
     doc: dict[str, dict[str, Any]] = {}
@@ -414,8 +416,9 @@ def test_cpu_set_is_a_nonempty_sorted_subset_of_online(case: tuple[Facts, Policy
     assert set(process.cpus) <= set(facts.cpu.online)
     if policy["process"]["cpus"] != AUTO:
         assert process.cpus == list(policy["process"]["cpus"])
-    assert catalogue.NICE_RANGE[0] <= process.nice <= catalogue.NICE_RANGE[1]
-    assert catalogue.OOM_SCORE_ADJ_RANGE[0] <= process.oom_score_adj <= catalogue.OOM_SCORE_ADJ_RANGE[1]
+    assert catalogue.MODEL_NICE_RANGE[0] <= process.nice <= catalogue.MODEL_NICE_RANGE[1]
+    assert catalogue.MODEL_OOM_SCORE_ADJ_RANGE[0] <= process.oom_score_adj <= catalogue.MODEL_OOM_SCORE_ADJ_RANGE[1]
+    assert 1 <= process.threads <= max(1, len(facts.cpu.online))
     assert process.sched_policy in catalogue.SCHED_POLICIES and process.io_class in catalogue.IO_CLASSES
 
 
@@ -428,6 +431,19 @@ def test_threads_match_the_cpu_set(case: tuple[Facts, Policy]) -> None:
         assert process.threads == len(process.cpus)
     else:
         assert process.threads == policy["process"]["threads"]
+
+
+@PROPS
+@given(facts_strategy(), st.integers(1, 1024))
+def test_threads_beyond_the_online_cpus_are_refused(facts: Facts, threads: int) -> None:
+    """Only the facts know the CPU count: the plan refuses what the policy alone could not."""
+    policy = make_policy({"process": {"threads": threads}})
+    if threads <= len(facts.cpu.online):
+        assert make_plan(facts, policy).process.threads == threads
+        return
+    allowed = f"allowed: an integer 1–{len(facts.cpu.online)}"
+    with pytest.raises(BadInput, match=rf"^\[process\] threads = {threads}: .*{allowed}"):
+        make_plan(facts, policy)
 
 
 # ---- swap --------------------------------------------------------------------------------------
@@ -515,6 +531,50 @@ def test_swap_file_only_when_there_is_no_swap(case: tuple[Facts, Policy]) -> Non
         assert c.priority == policy["swap"]["priorities"][chosen.device_class]
 
 
+def zswap_on_after(plan: Plan, facts: Facts) -> bool:
+    """Whether zswap is on once the plan is applied: its planned target, else the value found."""
+    planned = [c.target for c in plan.changes + plan.unchanged if c.knob == "zswap.enabled"]
+    if planned:
+        return planned[0] is True
+    return facts.zswap.present and facts.knobs.get("zswap.enabled", "").strip() in ("Y", "1")
+
+
+@PROPS
+@given(cases())
+def test_no_swap_file_for_zswap_while_zswap_stays_off(case: tuple[Facts, Policy]) -> None:
+    """zswap is decided first: a swap file planned to back it comes only with zswap on (it once came with it off)."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    for c in plan.changes:
+        if c.knob == "swap.file" and "zswap" in c.reason.split(";")[0]:
+            assert zswap_on_after(plan, facts), (c.reason, [n for n in plan.notes if "zswap" in n])
+
+
+@st.composite
+def zswap_asked_cases(draw: st.DrawFn) -> tuple[Facts, Policy]:
+    """Cases where the policy asks for zswap on a kernel that has it (rare among all cases), any swappiness."""
+    facts = draw(facts_strategy().filter(lambda f: f.zswap.present and not f.container))
+    doc = draw(policy_doc(facts.cpu.online))
+    doc.setdefault("zswap", {})["enabled"] = draw(st.sampled_from([True, AUTO]))
+    return facts, make_policy(doc)
+
+
+@PROPS
+@given(st.one_of(cases(), zswap_asked_cases()))
+def test_low_swappiness_with_zswap_on_is_always_a_conflict(case: tuple[Facts, Policy]) -> None:
+    """Whatever sets it (policy, auto or keep), swappiness at or below the measured OOM threshold with zswap on is
+    reported, and only then."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    planned = [c.target for c in plan.changes + plan.unchanged if c.knob == "vm.swappiness"]
+    raw = facts.knobs.get("vm.swappiness", "").strip()
+    swappiness = planned[0] if planned else (int(raw) if raw.lstrip("-").isdigit() else None)
+    expected = (not facts.container and zswap_on_after(plan, facts) and swappiness is not None
+                and swappiness <= rules.LOW_SWAPPINESS_WITH_ZSWAP)
+    warned = [c for c in plan.conflicts if c.startswith("vm.swappiness")]
+    assert len(warned) == expected, (swappiness, warned)
+
+
 # ---- every change ------------------------------------------------------------------------------
 
 
@@ -578,6 +638,19 @@ def test_never_touch_units_are_never_changed(case: tuple[Facts, Policy]) -> None
         if c.knob == "unit":
             assert c.unit in present
             assert not catalogue.is_never_touch(c.unit or "", policy["services"]["never_touch"])
+
+
+@PROPS
+@given(cases())
+def test_units_only_where_systemd_runs(case: tuple[Facts, Policy]) -> None:
+    """Only systemd changes units: without it the helper refuses a plan holding any, so there are none."""
+    facts, policy = case
+    plan = make_plan(facts, policy)
+    units = [c for c in plan.changes + plan.unchanged if c.knob == "unit"]
+    if not facts.systemd_running:
+        assert units == []
+        if policy["services"]["disable"] or policy["services"]["mask"]:
+            assert any("systemd is not PID 1" in n for n in plan.notes)
 
 
 # ---- purity and determinism ---------------------------------------------------------------------

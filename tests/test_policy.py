@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from autoglm_helper.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from autoglm_tune.errors import BadInput
 from autoglm_tune.policy import SCHEMA, load_policy
 
@@ -75,9 +76,12 @@ def test_compressor_accepts_a_name_or_a_list(etc: Path, tmp_path: Path) -> None:
     assert load_policy(p, etc)["zswap"]["compressor"] == ("zstd", "lz4")
 
 
+NICE = f"an integer {MODEL_NICE_RANGE[0]}–{MODEL_NICE_RANGE[1]}"  # the root helper's bounds, not the kernel's
+OOM = f"an integer {MODEL_OOM_SCORE_ADJ_RANGE[0]}–{MODEL_OOM_SCORE_ADJ_RANGE[1]}"
+
 BAD = [
     ("[vm]\nswappiness = 500\n", "[vm] swappiness = 500", "an integer 0–200"),
-    ('[process]\nnice = "high"\n', '[process] nice = "high"', 'an integer -20–19, "auto"'),
+    ('[process]\nnice = "high"\n', '[process] nice = "high"', f'{NICE}, "auto"'),
     ('[process]\ndelay_accounting = "yes"\n', "[process] delay_accounting", 'true, false, "keep"'),
     ("[zswap]\nmax_pool_percent = 536870912\n", "[zswap] max_pool_percent = 536870912", "an integer 1–100"),
     ("[zswap]\nmax_pool_percent = 0\n", "max_pool_percent = 0", "an integer 1–100"),
@@ -95,7 +99,9 @@ BAD = [
     ('[services]\ndisable = ["/etc/systemd/system/cups.service"]\n', "disable", "a unit name"),
     ('[services]\ndisable = ["getty@.service"]\n', "template without an instance", "need an instance"),
     ('[services]\ndisable = "cups.service"\n', "disable", "a list of unit names"),
-    ("[process]\nnice = -21\n", "nice = -21", "an integer -20–19"),
+    ("[process]\nnice = -21\n", "nice = -21", NICE),
+    ("[process]\nnice = -20\n", "[process] nice = -20: -20 is out of range", f"{NICE}, \"auto\" (what the root helper"),
+    ("[process]\noom_score_adj = -1000\n", "[process] oom_score_adj = -1000", f"{OOM} (what the root helper grants"),
     ('[process]\nsched_policy = "fifo"\n', 'sched_policy = "fifo"', '"other" or "batch" or "idle"'),
     ("[process]\ncpus = [0, -1]\n", "cpus", "a list of CPU numbers"),
     ("[vm\nswappiness = 10\n", "not valid TOML", ""),
@@ -116,6 +122,14 @@ def test_bad_policy_is_one_line_naming_file_key_and_allowed(
     assert "\n" not in message
     assert says in message
     assert allowed in message
+
+
+def test_process_bounds_are_the_root_helpers(etc: Path, tmp_path: Path) -> None:
+    """The floors the helper grants are accepted as they are; "auto" still picks the nice itself."""
+    lowest = f"[process]\nnice = {MODEL_NICE_RANGE[0]}\noom_score_adj = {MODEL_OOM_SCORE_ADJ_RANGE[0]}\n"
+    process = load_policy(write(tmp_path, "floor.toml", lowest), etc)["process"]
+    assert (process["nice"], process["oom_score_adj"]) == (MODEL_NICE_RANGE[0], MODEL_OOM_SCORE_ADJ_RANGE[0])
+    assert load_policy(write(tmp_path, "auto.toml", '[process]\nnice = "auto"\n'), etc)["process"]["nice"] == "auto"
 
 
 def test_bad_system_drop_in_names_that_file(etc: Path) -> None:

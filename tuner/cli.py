@@ -105,7 +105,11 @@ def _plan_folder(policy_file: Path | None, sysroot: Path | None, folder: Path, j
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise BadInput(f"--facts {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-        plans[path.name] = make_plan(facts_from_json(text, f"--facts {path}"), policy)
+        host_facts = facts_from_json(text, f"--facts {path}")
+        try:
+            plans[path.name] = make_plan(host_facts, policy)
+        except BadInput as exc:  # a policy value this host cannot take (its CPUs, threads): name the host's file
+            raise BadInput(f"--facts {path}: {exc}") from None
     if json_out:
         return render.to_json({name: p.to_dict() for name, p in plans.items()})
     return "".join(f"{p.host or 'unknown host'} ({name}): {render.diff_text(p)}" for name, p in plans.items())

@@ -89,6 +89,7 @@ class _Builder:
         self.changes: list[Change] = []
         self.unchanged: list[Change] = []
         self.notes: list[str] = []
+        self.conflicts: list[str] = []  # settings of the plan itself that measurements warn against
 
     def current(self, knob_name: str) -> Value | None:
         raw = self.facts.knobs.get(knob_name)
@@ -134,10 +135,11 @@ def _choose(policy_value: Any, auto: tuple[Any, str], what: str) -> tuple[Any, s
     return policy_value, f"set by the policy ({what} = {json.dumps(policy_value)})"
 
 
-def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | None, Change | None]:
-    """Plan a swap file when zswap needs backing swap and no disk swap exists: on the fastest device."""
+def _swap_file(b: _Builder, policy: Policy) -> tuple[str | None, Change | None]:
+    """A swap file on the fastest device to back a zswap planned on where no disk swap exists (zswap stores
+    nothing without one); (None, None), with a note saying why, when none can be made."""
     swap = policy["swap"]
-    if swap["file"] != AUTO or not wants_zswap:
+    if swap["file"] != AUTO:
         return None, None
     candidates = []
     for order, directory in enumerate(swap["file_dirs"]):
@@ -162,7 +164,7 @@ def _swap_file(b: _Builder, policy: Policy, wants_zswap: bool) -> tuple[str | No
         current=None,
         target=size,
         persistence="persistent",
-        reason=f"zswap needs backing swap and there is none; {size} MiB on the {mount.device_class} "
+        reason=f"zswap is planned on and needs backing swap, and there is none; {size} MiB on the {mount.device_class} "
         f"holding {mount.mount_point}: {basis}",
         path=path,
         priority=swap["priorities"][mount.device_class],
@@ -236,9 +238,16 @@ def _zswap(b: _Builder, policy: Policy, enable: bool | None, enable_reason: str,
 
 
 def _units(b: _Builder, policy: Policy) -> None:
+    """Disable or mask the policy's redundant units; only where systemd runs, as only it can change them."""
     services = policy["services"]
     masked = set(services["mask"])
     wanted = sorted(set(services["disable"]) | masked)
+    if wanted and not b.facts.systemd_running:
+        b.notes.append(
+            "services left alone: systemd is not PID 1 on this machine (no /run/systemd/system), so the helper "
+            "cannot change units; [services] disable and mask take effect where systemd runs"
+        )
+        return
     if not b.facts.units:
         if wanted:
             b.notes.append("services left alone: no unit files found on this machine")
@@ -314,6 +323,11 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
     if not cpus:
         auto_threads = (1, "CPU topology unknown: one thread and no pinning")
     threads, basis = _choose(p["threads"], auto_threads, "[process] threads")
+    if online and threads > len(online):  # more threads than CPUs only contend with each other in every step
+        raise BadInput(
+            f"[process] threads = {threads}: more than the {len(online)} online CPUs here; "
+            f'allowed: an integer 1–{len(online)} or "auto"'
+        )
     reasons.append(f"threads {threads}: {basis}")
     nice, basis = _choose(p["nice"], rules.model_nice(), "[process] nice")
     reasons.append(f"nice {nice}: {basis}")
@@ -341,13 +355,19 @@ def _conflicts(facts: Facts) -> list[str]:
     return conflicts
 
 
+def _auto_zswap(facts: Facts, has_backing: bool) -> tuple[bool | None, str]:
+    """zswap = "auto" without zram: the rule, with the model protected where systemd gives it MemoryLow=."""
+    protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
+    return rules.zswap_enabled(False, has_backing, protected, len(facts.cpu.online))
+
+
 def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     """Swap, zswap and vm sysctls: kernel-wide, so only planned outside containers."""
     z, vm = policy["zswap"], policy["vm"]
     zram_active = any(a.device_class == "zram" for a in facts.swaps)
     disk_swaps = [a for a in facts.swaps if a.device_class != "zram"]
 
-    # 1. does zswap want to be on, and does it need a swap file to stand on?
+    # 1. is zswap to be on? Only then does it need a swap file to stand on where there is no disk swap.
     explicit = f"set by the policy ([zswap] enabled = {json.dumps(z['enabled'])})"
     if z["enabled"] == KEEP:
         wants_zswap, enable_reason = None, KEPT
@@ -359,16 +379,16 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     elif zram_active:
         wants_zswap, enable_reason = rules.zswap_enabled(True, True, False, len(facts.cpu.online))
     elif z["enabled"] == AUTO:
-        wants_zswap, enable_reason = True, ""
+        wants_zswap, enable_reason = _auto_zswap(facts, has_backing=True)  # disk swap, or the file planned below
     else:
         wants_zswap, enable_reason = True, explicit
-    file_class, file_change = _swap_file(b, policy, wants_zswap is True and not disk_swaps and not zram_active)
+    file_class, file_change = None, None
+    if wants_zswap is True and facts.zswap.present and not disk_swaps:
+        file_class, file_change = _swap_file(b, policy)
+        if file_change is None and z["enabled"] == AUTO:
+            wants_zswap, enable_reason = _auto_zswap(facts, has_backing=False)
     classes = [a.device_class for a in disk_swaps] + ([file_class] if file_class else [])
     backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
-    if z["enabled"] == AUTO and not zram_active:
-        protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
-        wants_zswap, enable_reason = rules.zswap_enabled(False, backing_class is not None, protected,
-                                                         len(facts.cpu.online))
     if file_change is not None:
         b.add(file_change)
 
@@ -377,6 +397,11 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     zswap_on = _zswap(b, policy, wants_zswap, enable_reason, zram_active)
     situation = rules.SwapSituation(zram_active=zram_active, backing_class=backing_class, zswap_on=zswap_on)
     b.scalar("vm.swappiness", *_choose(vm["swappiness"], rules.swappiness(situation), "[vm] swappiness"))
+    planned = [c.target for c in b.changes + b.unchanged if c.knob == "vm.swappiness"]
+    swappiness = planned[0] if planned else b.current("vm.swappiness")  # kept: the value found stays
+    risk = rules.low_swappiness_risk(swappiness if isinstance(swappiness, int) else None, zswap_on)
+    if risk:
+        b.conflicts.append(risk)
     b.scalar(
         "vm.vfs_cache_pressure",
         *_choose(vm["vfs_cache_pressure"], rules.vfs_cache_pressure(), "[vm] vfs_cache_pressure"),
@@ -420,5 +445,5 @@ def make_plan(facts: Facts, policy: Policy) -> Plan:
         unchanged=b.unchanged,
         process=_process(facts, policy),
         notes=b.notes,
-        conflicts=_conflicts(facts),
+        conflicts=_conflicts(facts) + b.conflicts,
     )

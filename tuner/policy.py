@@ -64,8 +64,8 @@ def _choice(*choices: str) -> tuple[Parser, str]:
     return parse, allowed
 
 
-def _int_range(lo: int, hi: int, *words: str) -> tuple[Parser, str]:
-    allowed = f"an integer {lo}–{hi}" + "".join(f', "{w}"' for w in words)
+def _int_range(lo: int, hi: int, *words: str, why: str = "") -> tuple[Parser, str]:
+    allowed = f"an integer {lo}–{hi}" + "".join(f', "{w}"' for w in words) + (f" ({why})" if why else "")
 
     def parse(value: Any) -> Any:
         if isinstance(value, str) and value in words:
@@ -218,6 +218,9 @@ def _environment() -> tuple[Parser, str]:
     return parse, allowed
 
 
+# What the root helper grants the model process (catalogue.MODEL_*): a policy beyond it could never be applied.
+HELPER_BOUNDS = "what the root helper grants the model process"
+
 # The schema: section → key → (parser, allowed values). Defaults live in policies/default.toml.
 SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
     "vm": {
@@ -252,10 +255,10 @@ SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
         "reserve_cores": _int_range(0, 64, AUTO),
         "threads": _int_range(1, 1024, AUTO),
         "sched_policy": _choice(*catalogue.SCHED_POLICIES),
-        "nice": _int_range(*catalogue.NICE_RANGE, AUTO),
+        "nice": _int_range(*catalogue.MODEL_NICE_RANGE, AUTO, why=HELPER_BOUNDS),
         "io_class": _choice(*catalogue.IO_CLASSES),
         "io_priority": _int_range(*catalogue.IO_PRIORITY_RANGE),
-        "oom_score_adj": _int_range(*catalogue.OOM_SCORE_ADJ_RANGE),
+        "oom_score_adj": _int_range(*catalogue.MODEL_OOM_SCORE_ADJ_RANGE, why=HELPER_BOUNDS),
         "delay_accounting": _bool_or(KEEP),
     },
     "model": {

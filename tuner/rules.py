@@ -88,6 +88,25 @@ def swappiness(s: SwapSituation) -> tuple[int | None, str]:
     return None, "no cheap swap target: swappiness changes nothing useful here (research §9)"
 
 
+# vm.swappiness at or below this with zswap on is reported as a conflict: measured to OOM-kill the desktop at 20
+# (the popular recipe) and at 60 (research §9), never at 133. Between 60 and 133 nothing was measured.
+LOW_SWAPPINESS_WITH_ZSWAP = 60
+
+
+def low_swappiness_risk(swappiness: int | None, zswap_on: bool) -> str | None:
+    """Why a low vm.swappiness with zswap on is a risk, or None. Measured, not modelled: the figures are the
+    project's own runs of the blog recipe."""
+    if not zswap_on or swappiness is None or swappiness > LOW_SWAPPINESS_WITH_ZSWAP:
+        return None
+    return (
+        f"vm.swappiness {swappiness} with zswap on: measured to OOM-kill the desktop (at or below "
+        f"{LOW_SWAPPINESS_WITH_ZSWAP}). The popular recipe, swappiness 20 + zswap, killed it in 5 of 5 heavy runs "
+        "(docs/bench/2026-11-26-heavy-mild.json) and ran the model at 0.4 tok/s against 7.7 untuned "
+        "(docs/bench/2026-11-27-heavy-mild.json; docs/BENCHMARKS.md); zswap at swappiness 60 killed it in 3 of 3 "
+        'runs, at 133 in 0 of 10 (research §9). swappiness = "auto" plans 133'
+    )
+
+
 def vfs_cache_pressure() -> tuple[int, str]:
     return 100, "kernel neutral value: dentries and inodes reclaimed at the same rate as page cache (vm.rst)"
 
