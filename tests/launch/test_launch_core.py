@@ -269,6 +269,24 @@ def test_gguf_reader_handles_arrays_and_per_layer_heads(tmp_path: Path) -> None:
         (b"GGML", "not a GGUF file"),
         (b"GGUF" + struct.pack("<I", 1), "version 1 is not supported"),
         (b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + struct.pack("<Q", 99), "truncated GGUF header"),
+        (b"GG", "truncated GGUF header: magic"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 40), "corrupt GGUF header: 1099511627776 metadata keys"),
+        # a key whose length is 2**62: refused before any allocation, naming the key's index
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 62), "metadata key #0: a string of"),
+        # a string value of 2**62 bytes, named by its key
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("general.name") + struct.pack("<IQ", 8, 1 << 62),
+         "corrupt GGUF header: general.name: a string of 4611686018427387904 bytes"),
+        # a string value longer than what is left of the file
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("general.name") + struct.pack("<IQ", 8, 1000) + b"x",
+         "truncated GGUF header: general.name: a string of 1000 bytes needs 1000 bytes, 1 left"),
+        # arrays of strings, of numbers and of arrays with a count of 2**60 items
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1 << 60),
+         "tokenizer.ggml.tokens: an array of 1152921504606846976 items"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 1 << 60),
+         "tokenizer.ggml.scores: an array of 1152921504606846976 items"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("x.nested") + struct.pack("<IIQ", 9, 9, 1 << 60),
+         "x.nested: an array of"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("x.kind") + struct.pack("<I", 77), "x.kind: value type 77"),
     ],
 )
 def test_gguf_reader_rejects_bad_files(tmp_path: Path, data: bytes, message: str) -> None:

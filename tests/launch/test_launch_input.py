@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def test_template_error_in_the_command_line(tmp_path: Path, etc: Path, model: Pa
         str(tmp_path),
     )
     assert_refused(proc, str(tmp_path), "launch -- CMD[2]", "'thread' is undefined")
+
+
+def test_corrupt_model_header_is_one_line_naming_the_file_and_field(tmp_path: Path, etc: Path) -> None:
+    """A huge string length in the GGUF header: exit 2 naming the key, not a MemoryError."""
+    path = tmp_path / "corrupt.gguf"
+    name = b"general.architecture"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(name)) + name
+                     + struct.pack("<IQ", 8, 1 << 62))
+    proc = run_with(tmp_path, etc, {"model": {"model_path": str(path), "port": free_port()}}, "--dry-run")
+    assert_refused(proc, str(tmp_path), str(path), "corrupt GGUF header", "general.architecture")
 
 
 def test_unknown_preset(tmp_path: Path, etc: Path, model: Path) -> None:
