@@ -165,3 +165,21 @@ def test_unknown_flag_is_a_usage_error_without_traceback() -> None:
     proc = run("plan", "--bogus")
     assert proc.returncode == 2
     assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == f"autoglm-tune {version('autoglm-tune')}\n"
+
+
+def test_diff_does_not_load_the_version_machinery() -> None:
+    """--version imports importlib.metadata on use only: `diff`'s start-up stays as measured (README)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoglm_tune", "diff"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "importlib.metadata" not in proc.stderr

@@ -26,8 +26,25 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Plan, apply and roll back system tuning for a local LLM server on a low-spec Linux machine.",
 )
+
+def _version(value: bool) -> None:
+    """--version: the installed distribution's version (importlib.metadata, imported only for this)."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"autoglm-tune {version('autoglm-tune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Plan, apply and roll back system tuning for a local LLM server on a low-spec Linux machine."""
+
 
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
 SysrootOpt = Annotated[Path | None, typer.Option("--sysroot", help="Read facts from a snapshot tree laid out like /.")]
