@@ -191,7 +191,9 @@ def launch(
     policy: PolicyOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run; start nothing.")] = False,
     json_out: JsonOpt = False,
-    unit: Annotated[bool, typer.Option("--unit", help="Print a systemd model service unit instead.")] = False,
+    unit: Annotated[
+        bool, typer.Option("--unit", help="Print a systemd model service unit instead (with --dry-run: its spec).")
+    ] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the unit to FILE.")] = None,
     log: Annotated[Path | None, typer.Option("--log", help="The server's output goes here.")] = None,
 ) -> None:
@@ -208,8 +210,8 @@ def launch(
     try:
         if output is not None and not unit:
             raise BadInput("-o/--output: only with --unit")
-        if unit and json_out:
-            raise BadInput("--unit and --json: choose one output")
+        if unit and json_out and not dry_run:
+            raise BadInput("--unit and --json: choose one output; allowed: --unit --dry-run --json (the unit's spec)")
         pol = load_policy(policy)
         p = make_plan(_facts(None, None), pol)
         model = pol["model"]
@@ -220,7 +222,7 @@ def launch(
             model, machine = {**model, "supervisor": "systemd"}, replace(machine, systemd_helper=True)
         spec = lc.build_spec(p.process, model, preset, machine, cmd)
         spec = lc.resolve_program(spec, shutil.which, required=not dry_run)
-        if unit:
+        if unit and not dry_run:
             template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
             text = lc.render_unit(spec, template)
             if output is None:

@@ -353,3 +353,24 @@ def test_a_unit_gets_no_more_than_the_helper_grants() -> None:
         assert needle in joined, joined
     child = launch.build_spec(strong, model_policy(), load_preset("llama-server"), machine())
     assert child.settings.nice == -20  # a privileged launcher sets it itself; the helper path clamps it
+
+
+def test_unit_lines_and_comments_follow_the_one_keep_resident_decision() -> None:
+    """The persistent unit writes what the decision (the same one the dry-run prints) chose, and says what each
+    memory line does on this kind of host: no MemoryLow= on cgroup v1, MemoryHigh= said to be ignored there."""
+    template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
+    policy = model_policy(supervisor="systemd", memory_high_mib=512)
+    preset = load_preset("llama-cpp-python")
+
+    v1 = launch.build_spec(PROCESS, policy, preset, machine(systemd_helper=True, memcg_v1=True, mem_total=16 << 30))
+    text = launch.render_unit(v1, template)
+    assert v1.keep_resident == "mlock" and "--use_mlock true" in text.replace('"', "")
+    assert "MemoryLow=" not in text and "LimitMEMLOCK=infinity\n" in text
+    assert f"# keep_resident mlock: {launch.keep_resident_how(v1)}\n" in text
+    assert "# MemoryHigh= acts on cgroup v2 only: systemd ignores it on this host (cgroup v1)\n" in text
+
+    v2 = launch.build_spec(PROCESS, policy, preset, machine(systemd_helper=True, cgroup_v2=True, mem_total=16 << 30))
+    text = launch.render_unit(v2, template)
+    assert v2.keep_resident == "cgroup" and "--use_mlock false" in text and "LimitMEMLOCK" not in text
+    assert f"MemoryLow={v2.memory_low}\n" in text and f"# keep_resident cgroup: MemoryLow={v2.memory_low}" in text
+    assert "(cgroup v2)\nMemoryHigh=" in text and "ignores it" not in text

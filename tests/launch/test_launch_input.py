@@ -205,3 +205,22 @@ def test_unit_is_accepted_by_systemd(tmp_path: Path, etc: Path, model: Path) -> 
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
     assert str(unit) not in verify.stderr
+
+
+def test_unit_and_its_dry_run_decide_the_same_on_this_host(tmp_path: Path, etc: Path, model: Path) -> None:
+    """`launch --unit --dry-run --json` is the spec the unit is rendered from: the same keep_resident, argv and
+    memory lines, and the unit's comment says what keep_resident does here (this CI host is cgroup v1)."""
+    doc = {"model": {"model_path": str(model), "program": "python3", "preset": "llama-cpp-python",
+                     "port": free_port(), "memory_fit": "warn"}}
+    unit = run_with(tmp_path, etc, doc, "--unit")
+    spec_proc = run_with(tmp_path, etc, doc, "--unit", "--dry-run", "--json")
+    assert unit.returncode == 0 and spec_proc.returncode == 0, (unit.stderr, spec_proc.stderr)
+    spec = json.loads(spec_proc.stdout)
+    assert spec["supervisor"] == "systemd"
+    text = unit.stdout
+    assert f"# keep_resident {spec['keep_resident']}: {spec['keep_resident_how']}\n" in text
+    mlock = spec["argv"][spec["argv"].index("--use_mlock") + 1]
+    assert f"--use_mlock {mlock}" in text and (mlock == "true") == ("LimitMEMLOCK=infinity\n" in text)
+    assert ("MemoryLow=" in text) == bool(spec["memory_low"])
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v1: MemoryLow= would not act
+        assert "MemoryLow=" not in text and "cgroup v2" not in text.split("keep_resident", 1)[1].split("\n")[0]
