@@ -229,3 +229,29 @@ def test_helper_unreachable_names_the_bus_and_what_to_start(tmp_path: Path) -> N
         assert "\n" not in line and "Traceback" not in line
         assert f"system bus unix:path={socket} (from DBUS_SYSTEM_BUS_ADDRESS)" in line
         assert "'sudo autoglm-tune system install'" in line and "dbus is running" in line
+
+
+def readme_options() -> dict[str, set[str]]:
+    """README's table of common options: option → the commands it lists for it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| option | commands | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[1:]]
+    return {opt.strip().strip("`").split()[0]: {c.strip(" `") for c in cmds.split(",")} for opt, cmds in rows}
+
+
+def test_every_command_takes_exactly_the_options_the_readme_table_says() -> None:
+    table = readme_options()
+    assert set(table) == {"--policy", "--sysroot", "--facts", "--json"}
+    commands = ("facts", "plan", "diff", "apply", "rollback", "status", "verify", "launch", "bench", "system")
+    for command in commands:
+        helptext = run(command, "--help").stdout
+        for option, takers in table.items():
+            assert ((f"  {option} " in helptext) or (f"  {option}\n" in helptext)) == (command in takers), (
+                command, option)
+
+
+def test_status_and_verify_accept_policy(tmp_path: Path) -> None:
+    """--policy is parsed and validated there too: a bad policy is exit 2 before the helper is asked."""
+    bad = policy(tmp_path, "[vm]\nswappiness = 500\n")
+    for command in ("status", "verify"):
+        assert_one_line_error(run(command, "--policy", bad), "[vm] swappiness = 500")

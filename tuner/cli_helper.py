@@ -246,9 +246,27 @@ def _nothing_to_roll_back(json_out: bool, dry_run: bool) -> int:
     return EXIT_OK
 
 
+ComparePolicyOpt = Annotated[
+    Path | None, typer.Option("--policy", help="Also compare the live machine with the plan this policy gives.")
+]
+
+
+def _against_plan(policy: Path | None) -> dict[str, Any] | None:
+    """With --policy: this machine against the plan made from its facts and that policy (as `diff --json`)."""
+    if policy is None:
+        return None
+    from . import render
+    from .collect import collect_facts
+    from .planner import make_plan
+    from .policy import load_policy
+
+    return render.diff_json(make_plan(collect_facts(Path("/")), load_policy(policy)))
+
+
 def status(
     json_out: JsonOpt = False,
     log: Annotated[Path | None, typer.Option("--log", help="The model's log, as given to 'launch --log'.")] = None,
+    policy: ComparePolicyOpt = None,
 ) -> None:
     """Transactions (id, time, caller, state), what is applied now, drift, and the running model."""
 
@@ -256,12 +274,15 @@ def status(
         from .launch import default_log
         from .model_status import model_lines, model_report
 
+        against = _against_plan(policy)
         client = _client()
         report = client.status()
         model = model_report(log or default_log(), client.process_delays)
         if json_out:
-            typer.echo(json.dumps({**report, "model": model}, indent=2))
+            typer.echo(json.dumps({**report, "model": model, **({"plan": against} if against else {})}, indent=2))
             return EXIT_OK
+        if against is not None:
+            _print_plan_differences(against)
         typer.echo("transactions:" if report["transactions"] else "transactions: none")
         for tx in report["transactions"]:
             caller = f"uid {tx['caller']['uid']} pid {tx['caller']['pid']}"
@@ -280,20 +301,32 @@ def status(
     _run(json_out, body)
 
 
-def verify(json_out: JsonOpt = False) -> None:
-    """Check that what was applied is still live. Exit 0 in place, 1 drift."""
+def _print_plan_differences(against: dict[str, Any]) -> None:
+    for c in against["changes"]:
+        typer.echo(f"differs from the plan: {c['subject']} is {_show(c['current'])}, planned {_show(c['target'])}")
+
+
+def verify(json_out: JsonOpt = False, policy: ComparePolicyOpt = None) -> None:
+    """Check that what was applied is still live (with --policy: and that the machine matches that plan).
+    Exit 0 in place, 1 drift."""
 
     def body(_: Call) -> int:
+        against = _against_plan(policy)
         report = _client().status()
         drift = report["drift"]
+        in_sync = not drift and (against is None or against["in_sync"])
         if json_out:
-            typer.echo(json.dumps({"in_sync": not drift, "drift": drift, "applied": report["applied"]}, indent=2))
-        elif drift:
-            for d in drift:
-                typer.echo(f"drift: {d['subject']} is {_show(d['live'])}, applied {_show(d['new'])} ({d['txid']})")
-        else:
-            typer.echo(f"in sync: {len(report['applied'])} applied setting(s) still live")
-        return EXIT_DIFFERS if drift else EXIT_OK
+            out = {"in_sync": in_sync, "drift": drift, "applied": report["applied"]}
+            typer.echo(json.dumps({**out, **({"plan": against} if against else {})}, indent=2))
+            return EXIT_OK if in_sync else EXIT_DIFFERS
+        for d in drift:
+            typer.echo(f"drift: {d['subject']} is {_show(d['live'])}, applied {_show(d['new'])} ({d['txid']})")
+        if against is not None:
+            _print_plan_differences(against)
+        if in_sync:
+            plan = " and the machine matches the plan" if against is not None else ""
+            typer.echo(f"in sync: {len(report['applied'])} applied setting(s) still live{plan}")
+        return EXIT_OK if in_sync else EXIT_DIFFERS
 
     _run(json_out, body)
 

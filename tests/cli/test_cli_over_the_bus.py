@@ -190,3 +190,13 @@ def test_ctrl_c_while_the_call_is_in_flight_says_it_may_have_committed(helper: H
     assert not [tx for tx in status["transactions"] if tx["state"] == "committed"]
     back = cli(helper.bus, "rollback", "--last", "--yes")
     assert back.returncode == 0 and back.stdout == "nothing to roll back\n", back
+
+
+def test_verify_with_a_policy_compares_the_machine_with_its_plan(helper: Helper) -> None:
+    policy = helper.bus.dir.parent / "other.toml"
+    policy.write_text(f"[vm]\nvfs_cache_pressure = {live(KNOB) + 7}\n")
+    proc = cli(helper.bus, "verify", "--policy", str(policy))
+    line = f"differs from the plan: {KNOB} is {live(KNOB)}, planned {live(KNOB) + 7}"
+    assert proc.returncode == 1 and line in proc.stdout, proc
+    out = json.loads(cli(helper.bus, "status", "--policy", str(policy), "--json").stdout)
+    assert any(c["subject"] == KNOB for c in out["plan"]["changes"])
