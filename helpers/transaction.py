@@ -191,8 +191,8 @@ class Engine:
             tx = next(tx for tx in candidates if tx["txid"] == txid)
         elif candidates:
             tx = candidates[-1]
-        else:
-            raise HelperError("InvalidArgs", "txid: there is no committed transaction to roll back; allowed: none")
+        else:  # "the last one" when there is none: nothing to do, like stopping a stopped unit
+            return {"result": "unchanged", "txid": "", "changes": []}
         report = []
         for step in tx["steps"]:
             started = step["state"] in ("done", *LEFT)

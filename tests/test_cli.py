@@ -222,3 +222,93 @@ def test_unknown_flag_is_a_usage_error_without_traceback() -> None:
     proc = run("plan", "--bogus")
     assert proc.returncode == 2
     assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == f"autoglm-tune {version('autoglm-tune')}\n"
+
+
+def test_diff_does_not_load_the_version_machinery() -> None:
+    """--version imports importlib.metadata on use only: `diff`'s start-up stays as measured (README)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoglm_tune", "diff"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "importlib.metadata" not in proc.stderr
+
+
+def test_bad_plan_files_exit_2_naming_the_file(tmp_path: Path) -> None:
+    from autoglm_helper.plan_schema import MAX_PLAN_BYTES
+
+    cases = {
+        "empty.json": (b"", "is empty"),
+        "blank.toml": (b"\n  \n", "is empty"),
+        "latin1.toml": ("note = 'Größe'".encode("latin-1"), "not UTF-8 text"),
+        "broken.toml": (b"version = = 1", "not a TOML plan"),
+        "broken.json": (b"{\"version\": 1,", "not a JSON plan"),
+        "list.json": (b"[1, 2]", "not a plan object"),
+        "date.toml": (b"version = 1\nchanges = []\nplan_id = 1979-05-27\n", "not a TOML plan"),
+        "big.json": (b" " * (MAX_PLAN_BYTES + 1), f"larger than {MAX_PLAN_BYTES} bytes"),
+        "old.toml": (b"version = 7\nchanges = []\n", "plan.version: 7 is not supported"),
+    }
+    for name, (data, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        proc = run("apply", "--plan", str(path), "--yes")
+        assert_one_line_error(proc, f"--plan {path}", needle)
+        assert "plan --toml -o FILE" in proc.stderr or "allowed: 1" in proc.stderr
+    assert_one_line_error(run("apply", "--plan", str(tmp_path), "--yes"), f"--plan {tmp_path}: cannot read")
+
+
+def test_a_toml_plan_with_nothing_to_change_is_in_sync(tmp_path: Path) -> None:
+    """A saved TOML plan is read like the JSON one; with no changes nothing is sent to any helper."""
+    keep = policy(tmp_path, '[vm]\nswappiness = "keep"\nvfs_cache_pressure = "keep"\npage-cluster = "keep"\n'
+                  '[zswap]\nenabled = "keep"\ncompressor = "keep"\nmax_pool_percent = "keep"\n'
+                  'shrinker_enabled = "keep"\n[swap]\nprioritize = false\nfile = "off"\n[services]\ndisable = []\n')
+    saved = tmp_path / "plan.toml"
+    assert run("plan", "--policy", keep, "--toml", "-o", str(saved)).returncode == 0
+    proc = run("apply", "--plan", str(saved), "--yes", env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/x"})
+    assert proc.returncode == 0 and proc.stdout == "in sync: nothing to change\n", proc
+
+
+def test_helper_unreachable_names_the_bus_and_what_to_start(tmp_path: Path) -> None:
+    socket = tmp_path / "no-such-bus"
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket}"}
+    for args in (("status",), ("verify",), ("rollback", "--yes")):
+        proc = run(*args, env=env)
+        assert proc.returncode == 5 and proc.stdout == "", proc
+        line = proc.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        assert f"system bus unix:path={socket} (from DBUS_SYSTEM_BUS_ADDRESS)" in line
+        assert "'sudo autoglm-tune system install'" in line and "dbus is running" in line
+
+
+def readme_options() -> dict[str, set[str]]:
+    """README's table of common options: option → the commands it lists for it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| option | commands | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[1:]]
+    return {opt.strip().strip("`").split()[0]: {c.strip(" `") for c in cmds.split(",")} for opt, cmds in rows}
+
+
+def test_every_command_takes_exactly_the_options_the_readme_table_says() -> None:
+    table = readme_options()
+    assert set(table) == {"--policy", "--sysroot", "--facts", "--json"}
+    commands = ("facts", "plan", "diff", "apply", "rollback", "status", "verify", "launch", "bench", "system")
+    for command in commands:
+        helptext = run(command, "--help").stdout
+        for option, takers in table.items():
+            assert ((f"  {option} " in helptext) or (f"  {option}\n" in helptext)) == (command in takers), (
+                command, option)
+
+
+def test_status_and_verify_accept_policy(tmp_path: Path) -> None:
+    """--policy is parsed and validated there too: a bad policy is exit 2 before the helper is asked."""
+    bad = policy(tmp_path, "[vm]\nswappiness = 500\n")
+    for command in ("status", "verify"):
+        assert_one_line_error(run(command, "--policy", bad), "[vm] swappiness = 500")

@@ -26,8 +26,25 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Plan, apply and roll back system tuning for a local LLM server on a low-spec Linux machine.",
 )
+
+def _version(value: bool) -> None:
+    """--version: the installed distribution's version (importlib.metadata, imported only for this)."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"autoglm-tune {version('autoglm-tune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    _: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Plan, apply and roll back system tuning for a local LLM server on a low-spec Linux machine."""
+
 
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", help="Policy TOML applied after the system policy files.")]
 SysrootOpt = Annotated[Path | None, typer.Option("--sysroot", help="Read facts from a snapshot tree laid out like /.")]
@@ -178,7 +195,9 @@ def launch(
     policy: PolicyOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run; start nothing.")] = False,
     json_out: JsonOpt = False,
-    unit: Annotated[bool, typer.Option("--unit", help="Print a systemd model service unit instead.")] = False,
+    unit: Annotated[
+        bool, typer.Option("--unit", help="Print a systemd model service unit instead (with --dry-run: its spec).")
+    ] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the unit to FILE.")] = None,
     log: Annotated[Path | None, typer.Option("--log", help="The server's output goes here.")] = None,
 ) -> None:
@@ -195,8 +214,8 @@ def launch(
     try:
         if output is not None and not unit:
             raise BadInput("-o/--output: only with --unit")
-        if unit and json_out:
-            raise BadInput("--unit and --json: choose one output")
+        if unit and json_out and not dry_run:
+            raise BadInput("--unit and --json: choose one output; allowed: --unit --dry-run --json (the unit's spec)")
         pol = load_policy(policy)
         p = make_plan(_facts(None, None), pol)
         model = pol["model"]
@@ -207,7 +226,7 @@ def launch(
             model, machine = {**model, "supervisor": "systemd"}, replace(machine, systemd_helper=True)
         spec = lc.build_spec(p.process, model, preset, machine, cmd)
         spec = lc.resolve_program(spec, shutil.which, required=not dry_run)
-        if unit:
+        if unit and not dry_run:
             template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
             text = lc.render_unit(spec, template)
             if output is None:

@@ -10,6 +10,7 @@ EXIT_BAD_INPUT = 2
 EXIT_NOT_AUTHORIZED = 3
 EXIT_FAILED_ROLLED_BACK = 4
 EXIT_HELPER_UNREACHABLE = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
 
 class TuneError(Exception):
@@ -22,6 +23,12 @@ class BadInput(TuneError):
     """A policy file, flag, facts file or plan the tool cannot use: exit 2, nothing changed."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class Interrupted(TuneError):
+    """Ctrl-C: the line says whether the root helper committed."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 def fail(exc: TuneError) -> SystemExit:

@@ -8,6 +8,7 @@ All little-endian.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,13 @@ from .errors import BadInput
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _MAX_KV = 1 << 20  # far above any real model; guards against a corrupt count
+_MAX_STRING = 16 << 20  # a key or value string (chat templates are tens of KiB); above this the header is corrupt
+_MAX_DEPTH = 4  # arrays of arrays: real files nest one level at most
 _SMALL_ARRAY = 1024
 
 
-class _Truncated(Exception):
-    pass
+class _Corrupt(Exception):
+    """The header field (a metadata key, or the key's own index) and what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -45,63 +48,82 @@ class ModelShape:
         return per_token * n_ctx * bytes_per_element
 
 
-def _read(fh: BinaryIO, n: int) -> bytes:
-    data = fh.read(n)
-    if len(data) != n:
-        raise _Truncated
-    return data
+class _Reader:
+    """Reads the header with every length and count checked against the bytes left in the file before it is
+    used: a corrupt header is an error naming its field, never a huge allocation or a long loop."""
 
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh, self.size, self.field = fh, size, "magic"
 
-def _unpack(fh: BinaryIO, fmt: str) -> Any:
-    return struct.unpack(fmt, _read(fh, struct.calcsize(fmt)))[0]
+    def _need(self, n: int, what: str) -> None:
+        left = self.size - self.fh.tell()
+        if n > left:
+            raise _Corrupt(f"truncated GGUF header: {self.field}: {what} needs {n} bytes, {left} left in the file")
 
+    def read(self, n: int) -> bytes:
+        self._need(n, "the value")
+        return self.fh.read(n)
 
-def _string(fh: BinaryIO) -> str:
-    return _read(fh, _unpack(fh, "<Q")).decode("utf-8", "replace")
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > _MAX_STRING:
+            raise _Corrupt(f"corrupt GGUF header: {self.field}: a string of {n} bytes; allowed: at most {_MAX_STRING}")
+        self._need(n, f"a string of {n} bytes")
+        return self.fh.read(n).decode("utf-8", "replace")
 
-def _value(fh: BinaryIO, vtype: int) -> Any:
-    """One value; arrays of numbers up to _SMALL_ARRAY items are kept (per-layer head counts), others skipped."""
-    if vtype in _SCALARS:
-        return _unpack(fh, _SCALARS[vtype])
-    if vtype == _STRING:
-        return _string(fh)
-    if vtype == _ARRAY:
-        item_type, count = _unpack(fh, "<I"), _unpack(fh, "<Q")
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        """One value; arrays of numbers up to _SMALL_ARRAY items are kept (per-layer head counts), others skipped."""
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY or depth >= _MAX_DEPTH:
+            raise _Corrupt(f"corrupt GGUF header: {self.field}: value type {vtype}; allowed: 0-12, arrays "
+                           f"nested at most {_MAX_DEPTH} deep")
+        item_type, count = self.unpack("<I"), self.unpack("<Q")
+        # the smallest an item can be: a scalar's size, a string's or an array's length fields
+        smallest = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8 if item_type == _STRING else 12
+        self._need(count * smallest, f"an array of {count} items")
         if item_type in _SCALARS:
             if count <= _SMALL_ARRAY:
-                return [_unpack(fh, _SCALARS[item_type]) for _ in range(count)]
-            fh.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
+                return [self.unpack(_SCALARS[item_type]) for _ in range(count)]
+            self.fh.seek(smallest * count, 1)
             return None
         for _ in range(count):
-            _value(fh, item_type)
+            self.value(item_type, depth + 1)
         return None
-    raise ValueError(f"unknown value type {vtype}")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The key/value metadata of a GGUF file; long arrays (the vocabulary) are skipped as None."""
     try:
         with path.open("rb") as fh:
+            r = _Reader(fh, os.fstat(fh.fileno()).st_size)
             try:
-                if _read(fh, 4) != b"GGUF":
+                if r.read(4) != b"GGUF":
                     raise BadInput(f"{path}: not a GGUF file (no GGUF magic)")
-                version = _unpack(fh, "<I")
+                r.field = "version"
+                version = r.unpack("<I")
                 if version not in (2, 3):
                     raise BadInput(f"{path}: GGUF version {version} is not supported; allowed: 2 or 3")
-                _unpack(fh, "<Q")  # tensor count
-                count = _unpack(fh, "<Q")
+                r.field = "tensor count"
+                r.unpack("<Q")
+                r.field = "metadata key count"
+                count = r.unpack("<Q")
                 if count > _MAX_KV:
-                    raise BadInput(f"{path}: corrupt GGUF header ({count} metadata keys)")
+                    raise BadInput(f"{path}: corrupt GGUF header: {count} metadata keys; allowed: at most {_MAX_KV}")
                 meta: dict[str, Any] = {}
-                for _ in range(count):
-                    key = _string(fh)
-                    meta[key] = _value(fh, _unpack(fh, "<I"))
+                for i in range(count):
+                    r.field = f"metadata key #{i}"
+                    key = r.string()
+                    r.field = key
+                    meta[key] = r.value(r.unpack("<I"))
                 return meta
-            except _Truncated:
-                raise BadInput(f"{path}: truncated GGUF header") from None
-            except ValueError as exc:
-                raise BadInput(f"{path}: corrupt GGUF header ({exc})") from None
+            except _Corrupt as exc:
+                raise BadInput(f"{path}: {exc}") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read the model file ({exc.strerror})") from None
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
-from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.service import ACTIONS, BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from dbus_fast import BusType, Message, MessageType
+from dbus_fast._private.address import get_bus_address  # what BusType.SYSTEM connects to: the env or the default
 from dbus_fast.aio import MessageBus
 
 from .errors import (
@@ -55,19 +57,41 @@ HELPER_ERRORS: dict[str, type[TuneError]] = {
 BUS_ERRORS: dict[str, type[TuneError]] = {"org.freedesktop.DBus.Error.AccessDenied": NotAuthorized}
 
 
-def error_for(name: str, text: str) -> TuneError:
+# Where the example polkit rule is, in the source tree and the installed package (autoglm_tune/systemd/polkit/).
+GROUP_RULE = "systemd/polkit/50-autoglm-tune.rules"
+
+
+def not_authorized_hint(member: str) -> str:
+    """What lets the caller through: the polkit action of `member` and the example group rule, or sudo."""
+    action = ACTIONS.get(member)
+    what = f"polkit action {action}" if action else "the bus policy"
+    return (f"{what}: the example rule {GROUP_RULE} grants it to the group autoglm (copy it to /etc/polkit-1/rules.d/, "
+            "then 'sudo usermod -aG autoglm $USER' and log in again), or run with sudo")
+
+
+def unreachable_hint() -> str:
+    """Which bus was tried and what puts the helper on it."""
+    source = "from DBUS_SYSTEM_BUS_ADDRESS" if os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") else "the default"
+    return (f"system bus {get_bus_address(BusType.SYSTEM)} ({source}); install the helper with "
+            "'sudo autoglm-tune system install' and make sure dbus is running")
+
+
+def error_for(name: str, text: str, member: str = "") -> TuneError:
     """The typed exception for a D-Bus error reply: the one mapping of helper errors to exit codes."""
     kind = name.removeprefix(ERROR_PREFIX)
     if name.startswith(ERROR_PREFIX) and kind in HELPER_ERRORS:
-        return HELPER_ERRORS[kind](text)
-    return BUS_ERRORS.get(name, HelperUnreachable)(f"the root helper did not answer ({name}: {text})")
+        error = HELPER_ERRORS[kind]
+        return error(f"{text}; {not_authorized_hint(member)}" if error is NotAuthorized else text)
+    if BUS_ERRORS.get(name) is NotAuthorized:
+        return NotAuthorized(f"the bus refused {member or 'the call'} ({name}: {text}); {not_authorized_hint(member)}")
+    return HelperUnreachable(f"the root helper did not answer ({name}: {text}) on the {unreachable_hint()}")
 
 
 async def _call(member: str, signature: str, body: list[Any], fds: list[int] | None = None) -> dict[str, Any]:
     try:
         bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=bool(fds)).connect()
     except Exception as exc:  # any failure to connect or authenticate means: no helper to talk to
-        raise HelperUnreachable(f"cannot connect to the system bus: {exc}") from None
+        raise HelperUnreachable(f"cannot connect to the {unreachable_hint()} ({exc})") from None
     try:
         msg = Message(
             destination=BUS_NAME,
@@ -84,7 +108,7 @@ async def _call(member: str, signature: str, body: list[Any], fds: list[int] | N
     finally:
         bus.disconnect()
     if reply.message_type == MessageType.ERROR:
-        raise error_for(reply.error_name or "", reply.body[0] if reply.body else "")
+        raise error_for(reply.error_name or "", reply.body[0] if reply.body else "", member)
     return json.loads(reply.body[0])
 
 

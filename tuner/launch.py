@@ -128,6 +128,7 @@ class LaunchSpec:
     memory_high: int = 0  # bytes for MemoryHigh= (0: none)
     own_swappiness: int | None = None  # cgroup v1: the model's own memory cgroup gets this swappiness (0)
     mem_total: int | None = None  # bytes, bounds the unit's LimitMEMLOCK=
+    cgroup_v2: bool = False  # MemoryLow=/MemoryHigh= act on this host (a unit's comments say so)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     expected_denials: list[str] = field(default_factory=list)  # for --dry-run; a launch reports the real ones
@@ -143,6 +144,7 @@ class LaunchSpec:
             "process": self.settings.to_dict(),
             "supervisor": self.supervisor,
             "keep_resident": self.keep_resident,
+            "keep_resident_how": keep_resident_how(self),
             "memory_low": self.memory_low,
             "own_swappiness": self.own_swappiness,
             "memory_high": self.memory_high,
@@ -416,6 +418,7 @@ def build_spec(
         own_swappiness=0 if keep == "cgroup" and supervisor == "launch" else None,
         memory_high=memory_high,
         mem_total=machine.mem_total,
+        cgroup_v2=machine.cgroup_v2,
         warnings=warnings,
         notes=notes,
         expected_denials=predicted_denials(settings, machine.cap_eff) if supervisor == "launch" else [],
@@ -428,6 +431,18 @@ def systemd_quote(word: str) -> str:
     if text and not any(c in text for c in " \t\"'\\;"):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def keep_resident_how(spec: LaunchSpec) -> str:
+    """What the decided keep_resident does on this host, in words: the dry-run and the unit's comment say the same."""
+    if spec.keep_resident == "mlock":
+        return "the server locks its weights in RAM (" + (
+            "LimitMEMLOCK=infinity in the unit)" if spec.supervisor == "systemd" else "RLIMIT_MEMLOCK raised first)")
+    if spec.keep_resident == "cgroup":
+        if spec.memory_low:
+            return f"MemoryLow={spec.memory_low}: cgroup v2 reclaims the rest of the system first"
+        return "a memory cgroup of its own with swappiness 0 (cgroup v1, through the root helper)"
+    return "nothing keeps the model out of swap"
 
 
 def render_unit(spec: LaunchSpec, template: str) -> str:
@@ -444,8 +459,11 @@ def render_unit(spec: LaunchSpec, template: str) -> str:
         "io_priority": s.io_priority,
         "oom_score_adj": s.oom_score_adj,
         "mlock": spec.keep_resident == "mlock",
-        "memory_low": spec.memory.need if spec.memory and spec.keep_resident in ("mlock", "cgroup") else None,
+        "keep_resident": spec.keep_resident,
+        "keep_resident_how": keep_resident_how(spec),
+        "memory_low": spec.memory_low or None,  # the transient unit's decision (_memory_low): cgroup v2 only
         "memory_high": spec.memory_high or None,
+        "cgroup_v2": spec.cgroup_v2,
         "health_url": spec.health_url,
     }
     return render(template, variables, "policies/model.service.j2")
@@ -489,7 +507,7 @@ def spec_text(spec: LaunchSpec) -> str:
         f"cpus      {cpu_ranges(s.cpus)} (mask {cpu_mask(s.cpus)}), threads {s.threads}",
         f"sched     {s.sched_policy}, nice {s.nice}, io {s.io_class}/{s.io_priority}, oom_score_adj {s.oom_score_adj}",
         "runs as   " + ("a transient systemd unit (root helper)" if spec.supervisor == "systemd" else "our child"),
-        f"memory    keep_resident {spec.keep_resident}, mmap {str(spec.mmap).lower()}"
+        f"memory    keep_resident {spec.keep_resident} ({keep_resident_how(spec)}), mmap {str(spec.mmap).lower()}"
         + (f", MemoryLow {_mib(spec.memory_low)}" if spec.memory_low else "")
         + (f", MemoryHigh {_mib(spec.memory_high)}" if spec.memory_high else ""),
         f"ready     {spec.health_url} within {spec.ready_timeout_s} s",

@@ -25,6 +25,8 @@ def test_unprivileged_user_is_denied_with_exit_3_and_the_denial_is_audited(helpe
     denied = cli(helper.bus, "apply", "--plan", policy, "--yes", "--json", user=DENIED_USER)
     assert denied.returncode == 3, denied.stderr
     assert json.loads(denied.stdout)["error"] == "NotAuthorized" and live("vm.swappiness") == now
+    assert "polkit action io.github.autoglm_tune.apply" in denied.stderr  # what to grant, and how
+    assert "systemd/polkit/50-autoglm-tune.rules" in denied.stderr and "usermod -aG autoglm" in denied.stderr
     entry = helper.audit()[-1]
     assert entry["uid"] == pwd.getpwnam(DENIED_USER).pw_uid and entry["method"] == "Apply"
     assert entry["result"] == "denied" and entry["pid"] > 0
@@ -93,9 +95,9 @@ def test_status_and_dry_run_need_no_authorization_but_are_audited(helper: Helper
     result = cli(helper.bus, "verify", "--json", user=DENIED_USER)
     assert result.returncode in (0, 1) and "in_sync" in json.loads(result.stdout)
     assert helper.audit()[-1]["method"] == "Status" and helper.audit()[-1]["uid"] == uid
-    dry = cli(helper.bus, "rollback", "--dry-run", user=DENIED_USER)  # open, but nothing is committed here
-    assert dry.returncode == 2 and "txid" in dry.stderr
-    assert helper.audit()[-1]["method"] == "Rollback" and helper.audit()[-1]["result"] == "InvalidArgs"
+    dry = cli(helper.bus, "rollback", "--dry-run", user=DENIED_USER)  # open, and nothing is committed here
+    assert dry.returncode == 0 and dry.stdout == "nothing to roll back\n"
+    assert helper.audit()[-1]["method"] == "Rollback" and helper.audit()[-1]["result"] == "unchanged"
 
 
 def test_every_call_also_goes_to_syslog(bare_bus: Bus, workdir: Path) -> None:

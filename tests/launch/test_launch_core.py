@@ -269,6 +269,24 @@ def test_gguf_reader_handles_arrays_and_per_layer_heads(tmp_path: Path) -> None:
         (b"GGML", "not a GGUF file"),
         (b"GGUF" + struct.pack("<I", 1), "version 1 is not supported"),
         (b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + struct.pack("<Q", 99), "truncated GGUF header"),
+        (b"GG", "truncated GGUF header: magic"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 40), "corrupt GGUF header: 1099511627776 metadata keys"),
+        # a key whose length is 2**62: refused before any allocation, naming the key's index
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 62), "metadata key #0: a string of"),
+        # a string value of 2**62 bytes, named by its key
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("general.name") + struct.pack("<IQ", 8, 1 << 62),
+         "corrupt GGUF header: general.name: a string of 4611686018427387904 bytes"),
+        # a string value longer than what is left of the file
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("general.name") + struct.pack("<IQ", 8, 1000) + b"x",
+         "truncated GGUF header: general.name: a string of 1000 bytes needs 1000 bytes, 1 left"),
+        # arrays of strings, of numbers and of arrays with a count of 2**60 items
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1 << 60),
+         "tokenizer.ggml.tokens: an array of 1152921504606846976 items"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 1 << 60),
+         "tokenizer.ggml.scores: an array of 1152921504606846976 items"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("x.nested") + struct.pack("<IIQ", 9, 9, 1 << 60),
+         "x.nested: an array of"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gstr("x.kind") + struct.pack("<I", 77), "x.kind: value type 77"),
     ],
 )
 def test_gguf_reader_rejects_bad_files(tmp_path: Path, data: bytes, message: str) -> None:
@@ -335,3 +353,24 @@ def test_a_unit_gets_no_more_than_the_helper_grants() -> None:
         assert needle in joined, joined
     child = launch.build_spec(strong, model_policy(), load_preset("llama-server"), machine())
     assert child.settings.nice == -20  # a privileged launcher sets it itself; the helper path clamps it
+
+
+def test_unit_lines_and_comments_follow_the_one_keep_resident_decision() -> None:
+    """The persistent unit writes what the decision (the same one the dry-run prints) chose, and says what each
+    memory line does on this kind of host: no MemoryLow= on cgroup v1, MemoryHigh= said to be ignored there."""
+    template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
+    policy = model_policy(supervisor="systemd", memory_high_mib=512)
+    preset = load_preset("llama-cpp-python")
+
+    v1 = launch.build_spec(PROCESS, policy, preset, machine(systemd_helper=True, memcg_v1=True, mem_total=16 << 30))
+    text = launch.render_unit(v1, template)
+    assert v1.keep_resident == "mlock" and "--use_mlock true" in text.replace('"', "")
+    assert "MemoryLow=" not in text and "LimitMEMLOCK=infinity\n" in text
+    assert f"# keep_resident mlock: {launch.keep_resident_how(v1)}\n" in text
+    assert "# MemoryHigh= acts on cgroup v2 only: systemd ignores it on this host (cgroup v1)\n" in text
+
+    v2 = launch.build_spec(PROCESS, policy, preset, machine(systemd_helper=True, cgroup_v2=True, mem_total=16 << 30))
+    text = launch.render_unit(v2, template)
+    assert v2.keep_resident == "cgroup" and "--use_mlock false" in text and "LimitMEMLOCK" not in text
+    assert f"MemoryLow={v2.memory_low}\n" in text and f"# keep_resident cgroup: MemoryLow={v2.memory_low}" in text
+    assert "(cgroup v2)\nMemoryHigh=" in text and "ignores it" not in text

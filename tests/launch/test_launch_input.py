@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def test_template_error_in_the_command_line(tmp_path: Path, etc: Path, model: Pa
         str(tmp_path),
     )
     assert_refused(proc, str(tmp_path), "launch -- CMD[2]", "'thread' is undefined")
+
+
+def test_corrupt_model_header_is_one_line_naming_the_file_and_field(tmp_path: Path, etc: Path) -> None:
+    """A huge string length in the GGUF header: exit 2 naming the key, not a MemoryError."""
+    path = tmp_path / "corrupt.gguf"
+    name = b"general.architecture"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(name)) + name
+                     + struct.pack("<IQ", 8, 1 << 62))
+    proc = run_with(tmp_path, etc, {"model": {"model_path": str(path), "port": free_port()}}, "--dry-run")
+    assert_refused(proc, str(tmp_path), str(path), "corrupt GGUF header", "general.architecture")
 
 
 def test_unknown_preset(tmp_path: Path, etc: Path, model: Path) -> None:
@@ -194,3 +205,22 @@ def test_unit_is_accepted_by_systemd(tmp_path: Path, etc: Path, model: Path) -> 
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
     assert str(unit) not in verify.stderr
+
+
+def test_unit_and_its_dry_run_decide_the_same_on_this_host(tmp_path: Path, etc: Path, model: Path) -> None:
+    """`launch --unit --dry-run --json` is the spec the unit is rendered from: the same keep_resident, argv and
+    memory lines, and the unit's comment says what keep_resident does here (this CI host is cgroup v1)."""
+    doc = {"model": {"model_path": str(model), "program": "python3", "preset": "llama-cpp-python",
+                     "port": free_port(), "memory_fit": "warn"}}
+    unit = run_with(tmp_path, etc, doc, "--unit")
+    spec_proc = run_with(tmp_path, etc, doc, "--unit", "--dry-run", "--json")
+    assert unit.returncode == 0 and spec_proc.returncode == 0, (unit.stderr, spec_proc.stderr)
+    spec = json.loads(spec_proc.stdout)
+    assert spec["supervisor"] == "systemd"
+    text = unit.stdout
+    assert f"# keep_resident {spec['keep_resident']}: {spec['keep_resident_how']}\n" in text
+    mlock = spec["argv"][spec["argv"].index("--use_mlock") + 1]
+    assert f"--use_mlock {mlock}" in text and (mlock == "true") == ("LimitMEMLOCK=infinity\n" in text)
+    assert ("MemoryLow=" in text) == bool(spec["memory_low"])
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v1: MemoryLow= would not act
+        assert "MemoryLow=" not in text and "cgroup v2" not in text.split("keep_resident", 1)[1].split("\n")[0]
