@@ -13,7 +13,7 @@ import pytest
 from ansible_parts import Ansible
 from helper_parts import BIN, ROOT
 from support import run_cli
-from trees import host_snapshots
+from trees import build_tree, host_snapshots
 
 EXAMPLES = ROOT / "ansible" / "examples"
 
@@ -36,11 +36,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 
 @pytest.fixture
 def facts_dir(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, cli_env: dict[str, str]) -> Path:
-    """A folder of collected facts: every host snapshot (facts --json --sysroot) and this machine."""
+    """A folder of collected facts: every host snapshot (facts --json --sysroot), a desktop with NVMe and HDD
+    swap under systemd (the only one with changes: the others run no systemd, so their units are left alone)
+    and this machine."""
     folder = tmp_path / "facts"
     folder.mkdir()
-    for name, snapshot in host_snapshots(tmp_path_factory).items():
-        proc = run_cli("facts", "--json", "--sysroot", str(snapshot / "root"), env=cli_env)
+    roots = {name: snapshot / "root" for name, snapshot in host_snapshots(tmp_path_factory).items()}
+    roots["nvme-hdd-desktop"] = build_tree("nvme-hdd-swap", tmp_path / "tree")
+    for name, root in roots.items():
+        proc = run_cli("facts", "--json", "--sysroot", str(root), env=cli_env)
         assert proc.returncode == 0, proc.stderr
         (folder / f"{name}.json").write_text(proc.stdout)
     (folder / "this-machine.json").write_text(run_cli("facts", "--json", env=cli_env).stdout)
