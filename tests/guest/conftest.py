@@ -1,0 +1,112 @@
+"""Fixtures of the guest suite: the saved booted Debian 13 machine, the same machine after the README's install
+command (run once per session by a sudo user, then saved), and a fresh copy of either for each test.
+
+Needs root, QEMU and mmdebstrap (tests/run installs them). Without them this is a skip on a developer machine
+and a failure under CI=true (conftest at the top)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import guest as guest_host
+from guest import Guest, Snapshot
+
+FIGURES = Path(os.environ.get("AUTOGLM_GUEST_FIGURES", "/var/tmp/autoglm-guest-figures.txt"))
+
+
+def figure(line: str) -> None:
+    """Timings of the suite's steps, printed and kept for docs (under TCG: functional, never a benchmark)."""
+    print(f"[guest figure] {line}")
+    with FIGURES.open("a") as out:
+        out.write(f"{time.strftime('%FT%T')} {line}\n")
+
+
+def _needs() -> str | None:
+    if os.geteuid() != 0:
+        return "the guest suite needs root (mmdebstrap --mode=root)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "zstd", "ssh"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing (tests/run installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def booted() -> Snapshot:
+    missing = _needs()
+    if missing:
+        pytest.skip(missing)
+    started = time.monotonic()
+    snap = guest_host.booted_snapshot()
+    figure(f"image and booted state ready in {time.monotonic() - started:.0f} s "
+           f"({(snap.image / 'built').read_text().strip()}; {(snap.folder / 'booted').read_text().strip()})")
+    return snap
+
+
+@dataclass(frozen=True)
+class Installed:
+    snapshot: Snapshot
+    command: str
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def installed(booted: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The README's install command, word for word, by alice (a sudo user) in her checkout; then saved."""
+    work = tmp_path_factory.mktemp("installed")
+    g = Guest(work / "run", booted.image)
+    started = time.monotonic()
+    try:
+        g.resume(booted, nvme=False)  # the NVMe disk is hot-plugged per test: QEMU cannot save it
+        g.ssh(f"mkdir -p {guest_host.WHEELHOUSE_IN_GUEST} && tar x -C {guest_host.WHEELHOUSE_IN_GUEST}",
+              input=guest_host.tar_dir(guest_host.wheelhouse()))
+        g.ssh("mkdir -p ~/autoglm-tune && tar xz -C ~/autoglm-tune", user="alice", input=guest_host.source_tarball())
+        command = guest_host.readme_command()
+        t0 = time.monotonic()
+        result = g.ssh(f"cd ~/autoglm-tune && {command}", user="alice", check=False, timeout=1200)
+        figure(f"README install command as alice: {time.monotonic() - t0:.0f} s, exit {result.returncode}")
+        snap = g.save(work / "saved")
+    finally:
+        g.stop()
+    figure(f"installed state saved {time.monotonic() - started:.0f} s after resuming")
+    yield Installed(snap, command, result)
+
+
+@pytest.fixture
+def guest_from(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
+    """Start a fresh copy of a saved machine (NVMe hot-plugged); stopped after the test, its console and
+    journal shown when the test failed."""
+    running: list[Guest] = []
+
+    def start(snap: Snapshot, nvme: bool = True) -> Guest:
+        g = Guest(tmp_path / f"guest{len(running)}", snap.image)
+        running.append(g)
+        t0 = time.monotonic()
+        g.resume(snap, nvme=nvme)
+        figure(f"{request.node.name}: resumed a copy to ssh in {time.monotonic() - t0:.1f} s")
+        return g
+
+    yield start
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for g in running:
+        if failed and g.proc is not None and g.proc.poll() is None:
+            print(f"--- guest journal\n{g.journal()}\n--- console\n{g.console_tail()}")
+        g.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report
