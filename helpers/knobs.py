@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import uuid
 from typing import Any
 
@@ -128,7 +129,12 @@ def check(step: Step, where: str) -> None:
     if knob == "swap.file":
         existing = read(step)
         if existing == step["target"]:
-            return  # in place already: the step is left out
+            # in place already (the step is left out), or made by an earlier apply and inactive since a reboot:
+            # then the step is its swapon, and its undo a swapoff (the file is the earlier transaction's)
+            if step["path"] not in swap_areas():
+                _check_own_swap_file(step["path"], step["target"], where)
+                step["activate"] = True
+            return
         if existing is not None:  # never adopted, resized or deleted by a failed apply
             raise CatalogueError(f"{where}.path", f"exists already ({existing} MiB)", "a path where no file exists")
         fstype = filesystem_of(step["path"])
@@ -146,6 +152,21 @@ def check(step: Step, where: str) -> None:
         while not os.path.exists(directory):
             step["dirs"].insert(0, directory)
             directory = os.path.dirname(directory)
+
+
+def _check_own_swap_file(path: str, size_mib: int, where: str) -> None:
+    """An inactive file at our path is swapped on only if it is what write() makes: a regular file of root's,
+    mode 0600, of the planned size, with a swap signature (swapon checks the header again)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st, page = os.fstat(fd), os.sysconf("SC_PAGE_SIZE")
+        ours = (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+                and st.st_size == size_mib * 1024 * 1024 and os.pread(fd, 10, page - 10) == b"SWAPSPACE2")
+    finally:
+        os.close(fd)
+    if not ours:
+        raise CatalogueError(f"{where}.path", "exists and is not an autoglm-tune swap file",
+                             "a path where no file exists, or the swap file an earlier apply made")
 
 
 def swapoff_fits(used_kib: int, available_kib: int) -> bool:
@@ -170,6 +191,8 @@ def write(step: Step) -> None:
         except OSError:
             _swapon(step["area"], step["old"])
             raise
+    elif step.get("activate"):
+        _swapon(step["path"], step["priority"])
     else:
         for directory in step["dirs"]:
             os.mkdir(directory, 0o700)
@@ -201,7 +224,7 @@ def restore(step: Step) -> None:
     else:
         if step["path"] in swap_areas():
             _swapoff(step["path"])
-        if live is not None:
+        if live is not None and not step.get("activate"):
             os.unlink(step["path"])
         for directory in reversed(step.get("dirs", [])):
             if os.path.isdir(directory) and not os.listdir(directory):

@@ -52,6 +52,18 @@ def _summary(step: knobs.Step) -> dict[str, Any]:
     return {k: step.get(k) for k in ("subject", "old", "target", "new", "state")}
 
 
+def undo_order(steps: list[knobs.Step]) -> list[knobs.Step]:
+    """The reverse of the apply order, except that swap areas going back to a kernel-assigned (negative)
+    priority are swapped on again from the highest old priority down: the kernel hands out -2, -3, … in swapon
+    order, so this order gives them back their old ranking (swapon cannot ask for a negative priority)."""
+    order = list(reversed(steps))
+    slots = [i for i, s in enumerate(order) if s["knob"] == "swap.priority" and s["old"] is not None and s["old"] < 0]
+    ranked = sorted((order[i] for i in slots), key=lambda s: s["old"], reverse=True)
+    for i, step in zip(slots, ranked, strict=True):
+        order[i] = step
+    return order
+
+
 class Engine:
     def __init__(self, state_dir: str) -> None:
         self.dir = os.path.join(state_dir, "tx")
@@ -123,7 +135,7 @@ class Engine:
 
     def apply(self, plan_json: str, dry_run: bool, force: bool, caller: dict[str, Any]) -> dict[str, Any]:
         steps = self._steps(plan_json, force)
-        changes = [s for s in steps if s["old"] != s["target"]]
+        changes = [s for s in steps if s["old"] != s["target"] or s.get("activate")]
         if dry_run or not changes:
             result = "dry-run" if dry_run else "unchanged"
             return {"result": result, "txid": "", "changes": [_summary(s) for s in steps]}
@@ -165,7 +177,7 @@ class Engine:
         """Undo the started steps in reverse, compare-and-set unless forced; journal each one."""
         tx["state"] = "rolling-back"
         self.save(tx)
-        for step in reversed(tx["steps"]):
+        for step in undo_order(tx["steps"]):
             if step["state"] not in ("intent", "done", *LEFT):
                 continue
             try:

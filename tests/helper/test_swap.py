@@ -93,6 +93,31 @@ def test_swap_file_is_created_without_holes_activated_and_removed(helper: Helper
     assert path not in knobs.swap_areas() and not os.path.exists(SWAP_DIR_ROOT)
 
 
+def test_the_swap_file_of_an_earlier_apply_is_swapped_on_again_after_a_reboot(helper: Helper) -> None:
+    """After a reboot the file is there and inactive: the boot unit's apply swaps it on (not recreated, not
+    adopted if it is not ours), that transaction's undo only swaps it off, the first one's removes it."""
+    change = swap_file_change()
+    path = str(change["path"])
+    first = helper.c.ok("Apply", plan_json(change), False, False)
+    inode = os.stat(path).st_ino
+    subprocess.run(["swapoff", path], check=True)  # what a reboot leaves
+    try:
+        again = helper.c.ok("Apply", plan_json(change), False, False)
+        assert again["result"] == "committed" and knobs.swap_areas()[path][2] == 9
+        assert os.stat(path).st_ino == inode
+        helper.c.ok("Rollback", again["txid"], False, False)
+        assert path not in knobs.swap_areas() and os.stat(path).st_ino == inode
+
+        os.chmod(path, 0o644)  # not what the helper makes: never swapped on
+        name, text = helper.c.error("Apply", plan_json(change), False, False)
+        assert name == ERROR_PREFIX + "InvalidArgs" and "is not an autoglm-tune swap file" in text
+        assert path not in knobs.swap_areas()
+        os.chmod(path, 0o600)
+    finally:
+        helper.c.ok("Rollback", first["txid"], False, False)
+    assert not os.path.exists(path) and not os.path.exists(SWAP_DIR_ROOT)
+
+
 @pytest.mark.parametrize("fstype", ["btrfs", "tmpfs"])
 def test_swap_file_on_a_filesystem_that_cannot_hold_one_is_refused(helper: Helper, tmp_path: Path, fstype: str) -> None:
     """btrfs (copy-on-write: swapon needs nocow files) and tmpfs, mounted where the helper may put a swap file."""
@@ -127,3 +152,15 @@ def test_swapoff_guard_arithmetic() -> None:
     assert not swapoff_fits(0, SWAPOFF_MARGIN_KIB - 1)
     assert swapoff_fits(1_000_000, 1_200_000 + SWAPOFF_MARGIN_KIB)
     assert not swapoff_fits(1_000_000, 1_200_000 + SWAPOFF_MARGIN_KIB - 1)
+
+
+def test_areas_back_at_kernel_priorities_are_swapped_on_again_in_their_old_order() -> None:
+    """Found on the guest: /dev/sda at -2 and a file at -3 came back as -3 and -2 (undo in reverse apply
+    order), which reversed which one the kernel fills first."""
+    from autoglm_helper.transaction import undo_order
+
+    steps = [{"knob": "swap.priority", "area": "/dev/sda", "old": -2}, {"knob": "vm.swappiness", "old": 60},
+             {"knob": "swap.priority", "area": "/swapfile", "old": -3},
+             {"knob": "swap.priority", "area": "/dev/nvme0n1p2", "old": 5}]
+    assert [s.get("area", s["knob"]) for s in undo_order(steps)] == \
+        ["/dev/nvme0n1p2", "/dev/sda", "vm.swappiness", "/swapfile"]
