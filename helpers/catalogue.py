@@ -157,6 +157,8 @@ SWAP_FILE_DIRS: tuple[str, ...] = ("/var/lib/autoglm-tune/swap", "/var/swap", "/
 SWAP_FILE_NAME = "autoglm-tune.swap"
 
 COMPRESSION_CRYPTO_TYPES = ("compression", "scomp", "acomp")
+# The kernel's compression algorithms zswap can use (crypto/*.c); a kernel may build some as modules.
+ZSWAP_COMPRESSORS = ("842", "deflate", "lz4", "lz4hc", "lzo", "lzo-rle", "zstd")
 
 
 def check_swap_file_path(path: object) -> str:

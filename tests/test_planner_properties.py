@@ -9,6 +9,7 @@ TOML-like documents and validated by the real schema, so only valid policies rea
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import posixpath
 import tomllib
@@ -667,3 +668,21 @@ def test_plan_is_deterministic_and_pure(case: tuple[Facts, Policy]) -> None:
     again = facts_from_json(facts.to_json(), "round trip")
     assert again == facts
     assert plan_json(make_plan(again, policy)) == first
+
+
+@PROPS
+@given(zswap_asked_cases())
+def test_an_earlier_swap_file_is_planned_at_its_own_size(case: tuple[Facts, Policy]) -> None:
+    """After a reboot the earlier apply's swap file is there, inactive, and took free space: planning its size from
+    the space left gave another size, which the helper refused, so the boot unit failed (seen on the guest)."""
+    facts, policy = case
+    first = [c for c in make_plan(facts, policy).changes if c.knob == "swap.file"]
+    if not first:
+        return
+    path = first[0].path
+    assert path is not None
+    mounts = [m if mount_for(path, facts.mounts) is not m else dataclasses.replace(m, free_mib=max(0, (m.free_mib or 0)
+              - int(first[0].target))) for m in facts.mounts]
+    after = dataclasses.replace(facts, mounts=mounts, swap_files={path: int(first[0].target)})
+    [again] = [c for c in make_plan(after, policy).changes if c.knob == "swap.file"]
+    assert (again.path, again.target) == (path, first[0].target)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +343,21 @@ def read_zswap(r: Reader) -> ZswapFacts:
             name = value
         elif key == "type" and value in catalogue.COMPRESSION_CRYPTO_TYPES and name:
             compressors.add(name)
+    _note_unloaded_compressors(r, params, compressors)
     return ZswapFacts(present=bool(params), parameters=params, compressors_available=sorted(compressors))
+
+
+def _note_unloaded_compressors(r: Reader, params: list[str], loaded: set[str]) -> None:
+    """Debian's and Ubuntu's kernels build lz4 and zstd as modules: absent from /proc/crypto until loaded, so
+    neither the plan nor the helper may count on them (the helper's sandbox cannot see the modules)."""
+    release = (r.read("proc/sys/kernel/osrelease", quiet=True) or "").strip()
+    if not params or not release:
+        return
+    modules = {name.split(".ko")[0] for name in r.listdir(f"lib/modules/{release}/kernel/crypto") if ".ko" in name}
+    unloaded = sorted((modules & set(catalogue.ZSWAP_COMPRESSORS)) - loaded)
+    if unloaded:
+        r.notes.append(f"zswap compressors {', '.join(unloaded)}: kernel modules not loaded, so not usable yet; "
+                       f"'sudo modprobe {unloaded[-1]}' loads one now, a line in /etc/modules-load.d/ at every boot")
 
 
 def read_knobs(r: Reader) -> dict[str, str]:
@@ -542,6 +557,20 @@ def read_container(r: Reader, swaps_text: str | None) -> str | None:
 # ---- all together --------------------------------------------------------------------------
 
 
+def read_own_swap_files(r: Reader) -> dict[str, int]:
+    """Our swap files at the allowed paths, active or not (a folder the caller may not read hides its file)."""
+    found = {}
+    for directory in catalogue.SWAP_FILE_DIRS:
+        path = f"{directory}/{catalogue.SWAP_FILE_NAME}"
+        try:
+            st = os.lstat(r.path(path.lstrip("/")))
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found[path] = st.st_size // (1024 * 1024)
+    return found
+
+
 def collect_facts(root: Path | str = "/") -> Facts:
     """Read every fact the planner uses from the tree at `root`."""
     root = Path(root)
@@ -582,4 +611,5 @@ def collect_facts(root: Path | str = "/") -> Facts:
         units=units,
         tuners=read_tuners(r, units),
         notes=r.notes,
+        swap_files=read_own_swap_files(r),
     )

@@ -126,6 +126,9 @@ class Facts:
     units: list[UnitFacts]
     tuners: list[TunerFacts]
     notes: list[str] = field(default_factory=list)
+    # autoglm-tune's own swap files at the allowed paths (path → MiB), active or not: after a reboot the file of
+    # an earlier apply is still there, inactive, and its size must not be recomputed from the space it takes
+    swap_files: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

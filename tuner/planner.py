@@ -150,15 +150,19 @@ def _swap_file(b: _Builder, policy: Policy) -> tuple[str | None, Change | None]:
         b.notes.append("no swap file planned: none of [swap] file_dirs lies on a known disk")
         return None, None
     _, _, directory, mount = min(candidates)
-    size, basis = _choose(
-        swap["file_size_mib"],
-        rules.swap_file_size_mib(b.facts.memory.total_kib, mount.free_mib),
-        "[swap] file_size_mib",
-    )
+    path = f"{directory}/{catalogue.SWAP_FILE_NAME}"
+    if path in b.facts.swap_files:  # an earlier apply's, inactive since a reboot: swapped on again as it is
+        size = b.facts.swap_files[path]
+        basis = f"the file an earlier apply made ({size} MiB), swapped on again"
+    else:
+        size, basis = _choose(
+            swap["file_size_mib"],
+            rules.swap_file_size_mib(b.facts.memory.total_kib, mount.free_mib),
+            "[swap] file_size_mib",
+        )
     if size is None:
         b.notes.append(f"no swap file planned: {basis}")
         return None, None
-    path = f"{directory}/{catalogue.SWAP_FILE_NAME}"
     change = Change(
         knob="swap.file",
         current=None,
