@@ -228,7 +228,10 @@ def launch(
         spec = lc.resolve_program(spec, shutil.which, required=not dry_run)
         if unit and not dry_run:
             template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
-            text = lc.render_unit(spec, template)
+            import pwd
+
+            user = None if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name  # the server runs as its caller
+            text = lc.render_unit(spec, template, user)
             if output is None:
                 typer.echo(text, nl=False)
             else:

@@ -445,10 +445,12 @@ def keep_resident_how(spec: LaunchSpec) -> str:
     return "nothing keeps the model out of swap"
 
 
-def render_unit(spec: LaunchSpec, template: str) -> str:
-    """The persistent model service unit for `spec` (jinja2 `template`, policies/model.service.j2). Pure."""
+def render_unit(spec: LaunchSpec, template: str, user: str | None = None) -> str:
+    """The persistent model service unit for `spec` (jinja2 `template`, policies/model.service.j2). Pure.
+    `user`: who the server runs as (the user who rendered it; None for root), as `launch` runs it as its caller."""
     s = spec.settings
     variables = {
+        "user": user,
         "description": f"Local LLM server ({spec.preset}) with the autoglm-tune plan",
         "exec_start": " ".join(systemd_quote(a) for a in spec.argv),
         "environment": [systemd_quote(f"{k}={v}") for k, v in sorted(spec.environment.items())],

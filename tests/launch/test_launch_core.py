@@ -374,3 +374,14 @@ def test_unit_lines_and_comments_follow_the_one_keep_resident_decision() -> None
     assert v2.keep_resident == "cgroup" and "--use_mlock false" in text and "LimitMEMLOCK" not in text
     assert f"MemoryLow={v2.memory_low}\n" in text and f"# keep_resident cgroup: MemoryLow={v2.memory_low}" in text
     assert "(cgroup v2)\nMemoryHigh=" in text and "ignores it" not in text
+
+
+def test_unit_runs_as_the_user_who_rendered_it_and_says_so_for_root() -> None:
+    """`launch` runs the server as its caller; the boot unit rendered by that caller must too, not as root."""
+    spec = launch.build_spec(ProcessPlan(cpus=[0], threads=1, sched_policy="other", nice=0, io_class="none",
+                                         io_priority=4, oom_score_adj=0, reasons=[]),
+                             model_policy(keep_resident="none"), load_preset("llama-server"), machine())
+    template = resources.files("autoglm_tune.policies").joinpath("model.service.j2").read_text()
+    assert "\nUser=alice\n" in launch.render_unit(spec, template, "alice")
+    as_root = launch.render_unit(spec, template, None)
+    assert "User=" not in as_root.replace("add User=", "") and "rendered by root: runs as root" in as_root
