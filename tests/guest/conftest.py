@@ -8,28 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import guest as guest_host
-from guest import Guest, Snapshot
-
-FIGURES = Path(os.environ.get("AUTOGLM_GUEST_FIGURES", "/var/tmp/autoglm-guest-figures.txt"))
-
-
-def figure(line: str) -> None:
-    """Timings of the suite's steps, printed and kept for docs (under TCG: functional, never a benchmark)."""
-    print(f"[guest figure] {line}")
-    with FIGURES.open("a") as out:
-        out.write(f"{time.strftime('%FT%T')} {line}\n")
+import pytest
+from guest import Guest, Installed, Snapshot, figure
 
 
 def _needs() -> str | None:
@@ -51,13 +36,6 @@ def booted() -> Snapshot:
     figure(f"image and booted state ready in {time.monotonic() - started:.0f} s "
            f"({(snap.image / 'built').read_text().strip()}; {(snap.folder / 'booted').read_text().strip()})")
     return snap
-
-
-@dataclass(frozen=True)
-class Installed:
-    snapshot: Snapshot
-    command: str
-    result: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="session")

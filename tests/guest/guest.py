@@ -33,6 +33,16 @@ NVME_SERIAL = "NVME0001"
 DISK_GIB = {"hdd": 8, "nvme": 8}
 
 
+FIGURES = Path(os.environ.get("AUTOGLM_GUEST_FIGURES", "/var/tmp/autoglm-guest-figures.txt"))
+
+
+def figure(line: str) -> None:
+    """Timings of the suite's steps, printed and kept for docs (under TCG: functional, never a benchmark)."""
+    print(f"[guest figure] {line}")
+    with FIGURES.open("a") as out:
+        out.write(f"{time.strftime('%FT%T')} {line}\n")
+
+
 class GuestError(RuntimeError):
     """The guest did not start, answer or come back in time."""
 
@@ -108,6 +118,15 @@ class Snapshot:
     @property
     def state(self) -> Path:
         return self.folder / "state.zst"
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The machine after the README's install command, and what that command printed."""
+
+    snapshot: Snapshot
+    command: str
+    result: subprocess.CompletedProcess
 
 
 class Guest:

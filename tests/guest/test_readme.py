@@ -8,8 +8,7 @@ import json
 import shlex
 from collections.abc import Callable
 
-from conftest import Installed
-from guest import Guest
+from guest import Guest, Installed
 
 
 def sysctls(g: Guest, names: list[str]) -> dict[str, str]:

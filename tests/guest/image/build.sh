@@ -11,7 +11,7 @@ CACHE=${AUTOGLM_GUEST_CACHE:-/var/cache/autoglm-tune-test}
 SUITE=trixie
 MIRROR=${AUTOGLM_GUEST_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=systemd-sysv,login,udev,dbus,polkitd,libpam-systemd,openssh-server,sudo,python3,python3-venv
-PACKAGES+=,linux-image-amd64,initramfs-tools,zstd,kmod,iproute2,procps,ca-certificates
+PACKAGES+=,linux-image-amd64,initramfs-tools,zstd,kmod,iproute2,procps,ca-certificates,e2fsprogs
 hash=$( { cat "$0" "$here/in-chroot.sh"; echo "$SUITE $MIRROR $PACKAGES"; } | sha256sum | cut -c1-16)
 out="$CACHE/image-$hash"
 if [ -f "$out/done" ]; then
