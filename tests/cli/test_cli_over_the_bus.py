@@ -200,3 +200,17 @@ def test_verify_with_a_policy_compares_the_machine_with_its_plan(helper: Helper)
     assert proc.returncode == 1 and line in proc.stdout, proc
     out = json.loads(cli(helper.bus, "status", "--policy", str(policy), "--json").stdout)
     assert any(c["subject"] == KNOB for c in out["plan"]["changes"])
+
+
+def test_the_default_apply_succeeds_where_systemd_is_not_pid_1_and_leaves_units_alone(helper: Helper) -> None:
+    """This machine runs no systemd (like a container, WSL or a plain VM): the default plan held unit changes,
+    which the helper refused with exit 2; now it leaves units alone, says so, and apply goes through."""
+    assert not Path("/run/systemd/system").exists()
+    plan = json.loads(cli(helper.bus, "plan", "--json").stdout)
+    assert not [c for c in plan["changes"] if c["knob"] == "unit"]
+    assert any(n.startswith("services left alone: systemd is not PID 1") for n in plan["notes"]), plan["notes"]
+    for args in (("--dry-run", "--yes"), ("--yes",)):
+        proc = cli(helper.bus, "apply", *args)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    rolled = cli(helper.bus, "rollback", "--yes")  # what the real apply changed, if anything, is put back
+    assert rolled.returncode == 0, rolled.stderr
