@@ -71,12 +71,13 @@ def _hidden_from_helper() -> dict[str, str]:
 def check_reachable(scripts: Path) -> None:
     """Refuse an installation the helper unit's sandbox cannot execute (systemd would fail it with
     203/EXEC at the first D-Bus activation, long after install said nothing)."""
-    real = scripts.resolve()
-    for prefix, directive in _hidden_from_helper().items():
+    real, hidden = scripts.resolve(), _hidden_from_helper()
+    outside = ", ".join(list(hidden)[:-1]) + " and " + list(hidden)[-1]
+    for prefix, directive in hidden.items():
         if real == Path(prefix) or Path(prefix) in real.parents:
             raise BadInput(f"{real / 'autoglm-tune-helper'}: under {prefix}, which the helper unit's {directive} "
-                           "hides from it; allowed: an installation outside /home, /root, /run/user, /tmp and "
-                           "/var/tmp, e.g. `sudo python3 -m venv /opt/autoglm-tune` (README)")
+                           f"hides from it; allowed: an installation outside {outside}, e.g. "
+                           "`sudo python3 -m venv /opt/autoglm-tune` (README)")
 
 
 def _content(f: SystemFile, scripts: Path) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -271,13 +272,6 @@ class Guest:
         self.ssh("systemctl reboot", check=False, timeout=30)
         self._wait_new_boot(old, timeout)
 
-    def power_cut(self, timeout: float = 420) -> None:
-        """A hard reset: nothing is flushed, nothing is shut down."""
-        assert self.qmp is not None
-        old = self.boot_id()
-        self.qmp.execute("system_reset")
-        self._wait_new_boot(old, timeout)
-
     # --- commands ----------------------------------------------------------------------------------
 
     def _ssh_base(self, user: str, connect_timeout: int = 10) -> list[str]:
@@ -394,8 +388,6 @@ def source_tarball() -> bytes:
     """The project as a checkout has it (tracked and new, not ignored files): what a user clones."""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            check=True, capture_output=True).stdout.decode().split("\0")
-    import io
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name in names:
@@ -405,8 +397,6 @@ def source_tarball() -> bytes:
 
 
 def tar_dir(folder: Path) -> bytes:
-    import io
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in sorted(folder.iterdir()):
