@@ -72,6 +72,7 @@ class Machine:
     systemd_helper: bool = False  # systemd is PID 1 and the root helper is installed: a transient unit is possible
     cgroup_v2: bool = False  # the unified hierarchy: MemoryLow=/MemoryHigh= act
     memcg_v1: bool = False  # a cgroup v1 memory controller: the model can get its own swappiness
+    program_flags: frozenset[str] | None = None  # the long options the server's --help lists; None: not probed
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,45 @@ def _render_args(templates: list[str] | tuple[str, ...], variables: dict[str, An
     return out
 
 
+HELP_FLAG_MIN = 5  # fewer long options than this in --help: not a help text we can judge by
+HELP_BYTES_MAX = 1 << 20
+
+
+def help_flags(text: str) -> frozenset[str] | None:
+    """The long options a --help text lists ("--load-mode", "--no-mmap"); None when it lists too few to be one
+    (some servers print nothing, or an error, for --help)."""
+    import re
+
+    flags = frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
+    return flags if len(flags) >= HELP_FLAG_MIN else None
+
+
+def probe_flags(program: str, timeout: float = 20.0) -> frozenset[str] | None:
+    """Run `program --help` (bounded in time and size) and read its long options. llama.cpp renames flags
+    between builds (--no-mmap and --mlock became --load-mode), and some builds print help and exit 0 on an
+    unknown flag, which looks like success: the flags are checked against this list before the server starts."""
+    try:
+        done = subprocess.run([program, "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return help_flags((done.stdout[:HELP_BYTES_MAX] + done.stderr[:HELP_BYTES_MAX]).decode(errors="replace"))
+
+
+def missing_flag(argv: list[str], flags: frozenset[str] | None, program: str) -> None:
+    """BadInput for the first long option in `argv` that the program's --help does not list."""
+    if flags is None:
+        return
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name not in flags:
+            raise BadInput(
+                f"[model] program: {program} does not take {name} (its --help does not list it; llama.cpp renames "
+                "flags between builds); allowed: a build whose --help lists it, or [model] args and a preset that "
+                "match this build"
+            )
+
+
 def url_host(host: str) -> str:
     """The address a client on this machine uses to reach a server listening on `host`."""
     if host in ("0.0.0.0", ""):
@@ -385,12 +425,14 @@ def build_spec(
         "io_class": process.io_class,
         "io_priority": process.io_priority,
         "oom_score_adj": process.oom_score_adj,
+        "flags": sorted(machine.program_flags or ()),
     }
     if command:
         argv = _render_args(command, variables, "launch -- CMD")
     else:
         argv = _render_args(preset.command, variables, f"preset {preset.name} command")
         argv += _render_args(model["args"], variables, "[model] args")
+        missing_flag(argv, machine.program_flags, variables["program"])
     if not argv or not argv[0]:
         raise BadInput("the command is empty; allowed: a program and its arguments")
     environment = {

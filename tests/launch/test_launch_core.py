@@ -385,3 +385,38 @@ def test_unit_runs_as_the_user_who_rendered_it_and_says_so_for_root() -> None:
     assert "\nUser=alice\n" in launch.render_unit(spec, template, "alice")
     as_root = launch.render_unit(spec, template, None)
     assert "User=" not in as_root.replace("add User=", "") and "rendered by root: runs as root" in as_root
+
+
+NEW_HELP = "--model F\n-t, --threads N\n--threads-batch N\n--ctx-size N\n--host H\n--port P\n-lm, --load-mode MODE\n"
+OLD_HELP = "--model FNAME\n--threads N\n--threads-batch N\n--ctx-size N\n--host H\n--port P\n--mlock\n--no-mmap\n"
+
+
+@pytest.mark.parametrize(
+    ("help_text", "mmap", "mlock", "flags"),
+    [
+        (NEW_HELP, True, True, ["--load-mode", "mmap+mlock"]),
+        (NEW_HELP, False, False, ["--load-mode", "none"]),
+        (NEW_HELP, False, True, ["--load-mode", "mlock"]),
+        (NEW_HELP, True, False, ["--load-mode", "mmap"]),
+        (OLD_HELP, False, True, ["--mlock", "--no-mmap"]),
+        (OLD_HELP, True, False, []),
+    ],
+)
+def test_llama_server_flags_follow_what_the_build_lists(help_text: str, mmap: bool, mlock: bool,
+                                                         flags: list[str]) -> None:
+    listed = launch.help_flags(help_text)
+    spec = launch.build_spec(
+        PROCESS, model_policy(keep_resident="mlock" if mlock else "none", mmap=mmap), load_preset("llama-server"),
+        machine(memlock_hard=None, program_flags=listed),
+    )
+    tail = spec.argv[spec.argv.index("--ctx-size") + 2:]
+    assert tail == flags
+
+
+def test_a_flag_the_build_does_not_list_is_refused_naming_it() -> None:
+    listed = launch.help_flags(NEW_HELP)
+    with pytest.raises(BadInput) as exc:
+        launch.build_spec(PROCESS, model_policy(args=["--no-mmap"]), load_preset("llama-server"),
+                          machine(program_flags=listed))
+    assert "does not take --no-mmap" in str(exc.value) and "allowed:" in str(exc.value)
+    assert launch.help_flags("usage: server [-h]\n--port P\n") is None  # too few to judge a build by
