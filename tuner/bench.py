@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import bench_stats as stats
+from .bench_stats import percentile
 from .errors import BadInput, TuneError
 
 MIB = 1 << 20
@@ -62,29 +64,82 @@ class Scenario:
     name: str
     capped: bool  # RAM taken away to --ram-mib
     demand: float | None  # (model + desktop) / available RAM; None: sized by `desktop_mib`
-    rewrite_percent: int  # desktop pages rewritten per second
+    accesses: int  # desktop page accesses per 16 ms frame (0: no desktop)
     hog: bool  # a busy loop on one core
+    measure: str  # "decode" (tok/s), "cold" (1 / time from start to first token), "prompt" (1 / TTFT)
     text: str
+    idle_first: bool = False  # the model loaded and warmed, the desktop active for --idle-s, then the request
 
 
+ACTIVE, IDLE = 64, 8  # desktop page accesses per frame: a user at work; a desktop left alone
 SCENARIOS = {
-    "heavy": Scenario("heavy", True, 1.25, 10, False, "demand ≈ 125 % of available RAM, active desktop"),
-    "mild": Scenario("mild", True, 1.10, 10, False, "demand ≈ 110 % of available RAM, active desktop"),
-    "fits": Scenario(
-        "fits", True, None, 0, False, "model + desktop/2 (lzo-rle ≈ 2:1) = 90 % of available RAM, idle desktop"
-    ),
-    "cpu": Scenario("cpu", False, None, 0, True, "no memory pressure, a busy loop on one core"),
+    "heavy": Scenario("heavy", True, 1.25, ACTIVE, False, "decode",
+                      "demand ≈ 125 % of available RAM, active desktop"),
+    "mild": Scenario("mild", True, 1.10, ACTIVE, False, "decode", "demand ≈ 110 % of available RAM, active desktop"),
+    "fits": Scenario("fits", True, None, IDLE, False, "decode",
+                     "model + desktop/2 (lzo-rle ≈ 2:1) = 90 % of available RAM, idle desktop"),
+    "cpu": Scenario("cpu", False, None, 0, True, "decode", "no memory pressure, a busy loop on one core"),
+    "idle": Scenario("idle", True, 1.10, ACTIVE, False, "decode",
+                     "mild's demand; the model loaded and warmed, the desktop active for --idle-s, then the request",
+                     idle_first=True),
+    "cold": Scenario("cold", True, 1.10, ACTIVE, False, "cold",
+                     "mild's demand; page cache dropped, then the server started: time to the first token"),
+    "prompt": Scenario("prompt", True, 1.10, ACTIVE, False, "prompt",
+                       "mild's demand; a prompt of --prompt-tokens tokens: prompt processing (1 / TTFT)"),
 }
-CONFIGS = ("limit", "untuned", "recipe", "autoglm-tune", "tuned")
-CONFIG_TEXT = {
-    "limit": "no RAM cap, no CPU hog, settings as found: the best this hardware does",
-    "untuned": "settings as found (kernel defaults on a fresh box), llama.cpp's default threads, no pinning",
-    "recipe": "swappiness 20, vfs_cache_pressure 50, zswap on with a 50 % pool (of the emulated RAM)",
-    "autoglm-tune": "the plan applied through the root helper, the model started by `autoglm-tune launch`",
-    "tuned": "TuneD's throughput-performance profile",
-}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: which kernel settings, how the server is started, and for the autoglm-tune family
+    the policy overrides (merged over --policy) that make it an ablation."""
+
+    name: str
+    text: str
+    settings: str = "none"  # "none", "recipe-literal", "recipe-512mb", "tuned", "plan"
+    start: str = "plain"  # "plain" (the server's own defaults), "hand" (nice -10, threads = cores), "launch"
+    overrides: tuple[tuple[str, str, Any], ...] = ()  # (section, key, value) over the policy
+
+
+CONFIG_LIST = (
+    Config("limit", "no RAM cap, no desktop, no CPU hog, settings as found: the best this hardware does"),
+    Config("untuned", "settings as found (kernel defaults on a fresh box), the server's own defaults"),
+    Config("hand-tune", "untuned plus the one flag a user would try: nice -10 (llama-server --prio 2), "
+           "threads = physical cores", start="hand"),
+    Config("recipe-literal", "the blog's recipe as written: swappiness 20, vfs_cache_pressure 50, zswap on, "
+           "max_pool_percent 536870912 (the kernel takes it as no limit)", settings="recipe-literal"),
+    Config("recipe-512mb", "the blog's recipe as meant: its pool 512 MB (scaled to MemTotal)",
+           settings="recipe-512mb"),
+    Config("tuned", "TuneD's throughput-performance profile", settings="tuned"),
+    Config("autoglm-tune", "the plan applied through the root helper, the model started by `autoglm-tune launch`",
+           settings="plan", start="launch"),
+    Config("no-nice", "autoglm-tune with [process] nice = 0", settings="plan", start="launch",
+           overrides=(("process", "nice", 0),)),
+    Config("no-resident", "autoglm-tune with [model] keep_resident = \"none\"", settings="plan", start="launch",
+           overrides=(("model", "keep_resident", "none"),)),
+    Config("kernel-only", "the plan's kernel settings only; the server started as untuned", settings="plan"),
+    Config("zswap-on", "autoglm-tune with [zswap] enabled = true", settings="plan", start="launch",
+           overrides=(("zswap", "enabled", True),)),
+)
+CONFIGS_BY_NAME = {c.name: c for c in CONFIG_LIST}
+CONFIGS = tuple(CONFIGS_BY_NAME)
+CONFIG_TEXT = {c.name: c.text for c in CONFIG_LIST}
 RECIPE = {"vm.swappiness": "20", "vm.vfs_cache_pressure": "50", "zswap.enabled": "Y"}
-RECIPE_POOL_PERCENT = 50
+RECIPE_LITERAL_POOL = "536870912"  # what the blog wrote into max_pool_percent
+RECIPE_POOL_MIB = 512  # what it meant: 512 MB, 12.5 % of its 4 GiB box
+SERVERS = ("llama-server", "llama-cpp-python")
+HAND_NICE = -10
+# The comparisons each scenario is judged by: (scenario, config, versus, lower bound the ratio must clear).
+TARGETS = (
+    ("heavy", "autoglm-tune", "untuned", 2.0),
+    ("heavy", "autoglm-tune", "hand-tune", 1.3),
+    ("mild", "autoglm-tune", "untuned", 0.95),
+    ("fits", "autoglm-tune", "limit", 0.90),
+    ("cold", "autoglm-tune", "untuned", 0.95),
+    ("prompt", "autoglm-tune", "untuned", 0.95),
+    ("idle", "autoglm-tune", "untuned", 0.95),
+)
+DESKTOP_TARGET = ("heavy", "autoglm-tune", "untuned", 0.5)  # the desktop keeps half its untuned progress
 
 
 @dataclass(frozen=True)
@@ -98,6 +153,12 @@ class Options:
     tokens: int
     context: int
     threads: int | None
+    server: str = "llama-server"
+    mmap: bool = True  # the servers' default; --no-mmap is the named variant
+    idle_s: int = 120
+    prompt_tokens: int = 1536
+    file_mib: int = 256  # the desktop's file cache
+    run_timeout_s: int = 600  # a request that takes longer counts what arrived by then
 
 
 @dataclass(frozen=True)
@@ -146,17 +207,19 @@ def scaled_pool_percent(percent: int, ram_mib: int, total_mib: int) -> int:
     return max(1, min(100, round(percent * ram_mib / total_mib)))
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
+def policy_variant(base: dict[str, Any], config: Config) -> dict[str, Any]:
+    """The policy a configuration of the autoglm-tune family plans and launches with: --policy's document with
+    the configuration's overrides on top (a new document; `base` is not changed)."""
+    doc = {section: dict(values) for section, values in base.items()}
+    for section, key, value in config.overrides:
+        doc.setdefault(section, {})[key] = value
+    return doc
 
 
 def token_stats(started: float, arrivals: list[float]) -> dict[str, Any]:
-    """TTFT, generation rate and per-token latency from the request start and each token's arrival time."""
+    """TTFT, generation rate and per-token gaps from the request start and each token's arrival time."""
     if not arrivals:
-        return {"tokens": 0, "ttft_s": None, "tok_s": None, "p50_ms": None, "p99_ms": None}
+        return {"tokens": 0, "ttft_s": None, "tok_s": None, "p50_ms": None, "p99_ms": None, "gaps_ms": []}
     gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
     span = arrivals[-1] - arrivals[0]
     return {
@@ -165,6 +228,41 @@ def token_stats(started: float, arrivals: list[float]) -> dict[str, Any]:
         "tok_s": round(len(gaps) / span, 3) if gaps and span > 0 else None,
         "p50_ms": round(percentile(gaps, 50), 2) if gaps else None,
         "p99_ms": round(percentile(gaps, 99), 2) if gaps else None,
+        "gaps_ms": [round(g, 1) for g in gaps],
+    }
+
+
+def primary(scenario: Scenario, run: dict[str, Any]) -> float | None:
+    """The one figure a scenario is judged by, higher is better: decode tok/s; for a cold start 1 / (time from
+    the server's start to the first token); for prompt processing 1 / TTFT."""
+    if scenario.measure == "decode":
+        return run.get("tok_s")
+    if run.get("ttft_s") is None:
+        return None
+    seconds = run["ttft_s"] + ((run.get("load_s") or 0.0) if scenario.measure == "cold" else 0.0)
+    return round(1.0 / seconds, 6) if seconds > 0 else None
+
+
+def failed(run: dict[str, Any]) -> str | None:
+    """Why a run counts as failed (None: it did not): no figure, the model or the desktop OOM-killed."""
+    if run.get("oom_kills"):
+        return f"{run['oom_kills']} OOM kill(s)"
+    if run.get("desktop_alive") is False:
+        return "the desktop died"
+    if run.get("value") is None:
+        return run.get("error") or "no result"
+    return None
+
+
+def desktop_window(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The desktop's progress and frame times over a measurement: the difference of two counter snapshots."""
+    hist = [a - b for a, b in zip(after["hist"], before["hist"], strict=True)]
+    return {
+        "ops_s": round((after["ops"] - before["ops"]) / seconds, 1) if seconds > 0 else None,
+        "frames": after["frames"] - before["frames"],
+        "frame_p99_ms": stats.histogram_percentile(hist, 99, 1.0),
+        "hist": {str(i): c for i, c in enumerate(hist) if c},
+        "alive": all(after["alive"]),
     }
 
 
@@ -176,41 +274,79 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+def _median(values: list[Any]) -> float | None:
     import statistics
 
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return round(statistics.median(values), 3) if values else None
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scenario and configuration: medians with min–max, and tok/s ÷ limit's from the same round."""
-    limit = {(r["scenario"], r["round"]): r["tok_s"] for r in runs if r["config"] == "limit" and r.get("tok_s")}
-    out = []
+def _paired(runs: list[dict[str, Any]], scenario: str, config: str, versus: str, key: str) -> dict[str, Any]:
+    by_round: dict[tuple[int, str], float] = {}
+    for r in runs:
+        value = r.get(key) if key != "desktop_ops_s" else (r.get("desktop") or {}).get("ops_s")
+        if r["scenario"] == scenario and value and not failed(r):
+            by_round[(r["round"], r["config"])] = value
+    pairs = [(v, by_round[(rnd, versus)]) for (rnd, c), v in by_round.items()
+             if c == config and (rnd, versus) in by_round]
+    return stats.paired_ratio(pairs)
+
+
+COUNTERS = ("majflt", "model_swap_mib", "swap_used_mib", "zswap_stored_mib", "pswpin", "pswpout", "zswpin", "zswpout",
+            "pgscan", "pgsteal", "allocstall", "psi_memory_full_ms", "psi_memory_some_ms", "psi_io_full_ms",
+            "psi_cpu_some_ms", "desktop_thp_mib")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per scenario and configuration: the figure's median [min–max], paired per-round ratios with 95 %
+    intervals to untuned, hand-tune and limit, failure, OOM and collapse rates with Wilson intervals, the
+    pooled p99 token gap, the desktop's progress and frame p99, the counters' medians; then the targets."""
+    rows = []
     for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        limit = {r["round"]: r["value"] for r in runs
+                 if r["scenario"] == scenario and r["config"] == "limit" and r.get("value") and not failed(r)}
         for config in dict.fromkeys(r["config"] for r in runs if r["scenario"] == scenario):
             group = [r for r in runs if r["scenario"] == scenario and r["config"] == config]
-            ok = [r for r in group if r.get("tok_s")]
-            ratios = [r["tok_s"] / limit[(scenario, r["round"])] for r in ok if (scenario, r["round"]) in limit]
-            out.append(
-                {
-                    "scenario": scenario,
-                    "config": config,
-                    "runs": len(group),
-                    "failed": len(group) - len(ok),
-                    "tok_s": _spread([r["tok_s"] for r in ok]),
-                    "ratio_to_limit": _spread(ratios),
-                    "ttft_s": _median(ok, "ttft_s"),
-                    "p50_ms": _median(ok, "p50_ms"),
-                    "p99_ms": _median(ok, "p99_ms"),
-                    "majflt": _median(group, "majflt"),
-                    "swap_used_mib": _median(group, "swap_used_mib"),
-                    "zswap_stored_pages": _median(group, "zswap_stored_pages"),
-                    "zswap_ratio": _median(group, "zswap_ratio"),
-                    "oom_kills": sum(r.get("oom_kills") or 0 for r in group),
-                }
-            )
-    return out
+            ok = [r for r in group if not failed(r)]
+            gaps = [g for r in ok for g in r.get("gaps_ms", [])]
+            hist: dict[int, int] = {}
+            for r in ok:
+                for b, c in ((r.get("desktop") or {}).get("hist") or {}).items():
+                    hist[int(b)] = hist.get(int(b), 0) + c
+            dense = [hist.get(i, 0) for i in range(max(hist, default=-1) + 1)]
+            collapsed = sum(1 for r in ok if r["round"] in limit and r["value"] < 0.5 * limit[r["round"]])
+            rows.append({
+                "scenario": scenario,
+                "config": config,
+                "runs": len(group),
+                "failed": {"count": len(group) - len(ok), "why": [failed(r) for r in group if failed(r)]},
+                "failure_rate": stats.wilson(len(group) - len(ok), len(group)),
+                "oom_rate": stats.wilson(sum(1 for r in group if r.get("oom_kills")), len(group)),
+                "collapse_rate": stats.wilson(collapsed, len([r for r in ok if r["round"] in limit])),
+                "value": _spread([r["value"] for r in ok]),
+                "tok_s": _spread([r["tok_s"] for r in ok if r.get("tok_s")]),
+                "vs": {v: _paired(runs, scenario, config, v, "value") for v in ("untuned", "hand-tune", "limit")
+                       if v != config},
+                "ttft_s": _median([r.get("ttft_s") for r in ok]),
+                "load_s": _median([r.get("load_s") for r in ok]),
+                "p99_gap_ms": round(stats.percentile(gaps, 99), 1) if gaps else None,
+                "gaps": len(gaps),
+                "desktop_ops_s": _median([(r.get("desktop") or {}).get("ops_s") for r in ok]),
+                "desktop_vs_untuned": _paired(runs, scenario, config, "untuned", "desktop_ops_s")
+                if config != "untuned" else None,
+                "desktop_frame_p99_ms": stats.histogram_percentile(dense, 99, 1.0) if dense else None,
+                "counters": {k: _median([(r.get("counters") or {}).get(k) for r in group]) for k in COUNTERS},
+                "drifted": sum(1 for r in group if r.get("drifted")),
+            })
+    targets = []
+    for scenario, config, versus, target in (*TARGETS, DESKTOP_TARGET):
+        key = "desktop_ops_s" if (scenario, config, versus, target) == DESKTOP_TARGET else "value"
+        if not any(r["scenario"] == scenario and r["config"] == config for r in runs):
+            continue
+        interval = _paired(runs, scenario, config, versus, key)
+        targets.append({"scenario": scenario, "config": config, "versus": versus, "what": key, "target": target,
+                        "interval": interval, "holds": stats.holds(interval, target)})
+    return {"rows": rows, "targets": targets}
 
 
 def cell(spread: dict[str, float | None], digits: int = 2) -> str:
@@ -219,51 +355,85 @@ def cell(spread: dict[str, float | None], digits: int = 2) -> str:
     return f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}–{spread['max']:.{digits}f}]"
 
 
+def interval_cell(interval: dict[str, Any] | None) -> str:
+    if not interval or interval.get("ratio") is None:
+        return "–"
+    if interval.get("low") is None:
+        return f"{interval['ratio']:.2f} (n={interval['n']})"
+    return f"{interval['ratio']:.2f} [{interval['low']:.2f}–{interval['high']:.2f}]"
+
+
+def rate_cell(rate: dict[str, Any]) -> str:
+    if not rate["n"]:
+        return "–"
+    return f"{rate['k']}/{rate['n']} (≤ {rate['high']:.0%})" if rate["k"] == 0 else \
+        f"{rate['k']}/{rate['n']} [{rate['low']:.0%}–{rate['high']:.0%}]"
+
+
 def _num(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+UNITS = {"decode": "gen tok/s", "cold": "1 / s to first token", "prompt": "1 / TTFT s"}
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    """docs/BENCHMARKS.md: the machine, the command, the table; preliminary results say so at the top."""
+    """The results section of docs/BENCHMARKS.md: machine and command, per scenario the configurations with
+    their intervals, the desktop, the counters; then the targets, met or not."""
     m = doc["machine"]
+    o = doc["options"]
     lines = ["## Results", ""]
     if doc["preliminary"]:
-        lines += [
-            f"**Preliminary, noisy:** {doc['preliminary']}. Do not draw conclusions from these figures.",
-            "",
-        ]
+        lines += [f"**Preliminary, noisy:** {doc['preliminary']}. Do not draw conclusions from these figures.", ""]
     lines += [
         f"Produced {doc['time']} by `{doc['command']}`.",
         "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['mem_total_mib']} MiB RAM, kernel {m['kernel']}, "
-        f"cgroup memory controller {m['cgroup_memory']}; model {doc['model']['name']} "
-        f"({doc['model']['size_mib']} MiB), {doc['options']['tokens']} tokens generated after a ~128-token prompt, "
-        f"context {doc['options']['context']}, weights not mmap'd (anonymous memory, so swap and zswap act on them).",
+        f"cgroup memory controller {m['cgroup_memory']}. Model {doc['model']['name']} ({doc['model']['size_mib']} "
+        f"MiB); server {o['server']} ({'mmap' if o['mmap'] else '--no-mmap'}), context {o['context']}, "
+        f"{o['tokens']} tokens generated per request.",
         "",
         "Emulated RAM: "
         + (EMULATION_TEXT[doc["emulation"]["how"]].format(**doc["emulation"]) if doc["emulation"] else "none"),
         "",
-        "| scenario | config | runs (failed) | gen tok/s | ÷ limit | TTFT s | p50 ms | p99 ms | major faults "
-        "| swap MiB | zswap pages (ratio) | OOM kills |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in doc["summary"]:
-        pages, ratio = s["zswap_stored_pages"], s["zswap_ratio"]
-        zswap = "–" if pages is None else f"{pages:.0f} ({_num(ratio, 1)})"
-        lines.append(
-            f"| {s['scenario']} | {s['config']} | {s['runs']} ({s['failed']}) | {cell(s['tok_s'], 1)} "
-            f"| {cell(s['ratio_to_limit'])} | {_num(s['ttft_s'], 2)} | {_num(s['p50_ms'])} | {_num(s['p99_ms'])} "
-            f"| {_num(s['majflt'])} | {_num(s['swap_used_mib'])} | {zswap} | {s['oom_kills']} |"
-        )
-    lines += ["", "Scenarios:", ""]
-    lines += [f"- **{n}**: {SCENARIOS[n].text}" for n in doc["options"]["scenarios"]]
+    for scenario in dict.fromkeys(r["scenario"] for r in doc["summary"]["rows"]):
+        sc = SCENARIOS[scenario]
+        lines += [
+            f"### {scenario}: {sc.text}", "",
+            f"| config | runs (failed) | {UNITS[sc.measure]} | ÷ untuned [95 %] | ÷ hand-tune [95 %] | ÷ limit [95 %] "
+            "| p99 gap ms | desktop ops/s (÷ untuned) | frame p99 ms | OOM | collapse < 0.5× limit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        digits = 2 if sc.measure == "decode" else 3
+        for s in (r for r in doc["summary"]["rows"] if r["scenario"] == scenario):
+            desk = "–" if s["desktop_ops_s"] is None else \
+                f"{s['desktop_ops_s']:.0f} ({interval_cell(s['desktop_vs_untuned'])})"
+            lines.append(
+                f"| {s['config']} | {s['runs']} ({s['failed']['count']}) | {cell(s['value'], digits)} "
+                f"| {interval_cell(s['vs'].get('untuned'))} | {interval_cell(s['vs'].get('hand-tune'))} "
+                f"| {interval_cell(s['vs'].get('limit'))} | {_num(s['p99_gap_ms'])} | {desk} "
+                f"| {_num(s['desktop_frame_p99_ms'])} | {rate_cell(s['oom_rate'])} | {rate_cell(s['collapse_rate'])} |"
+            )
+        lines += ["", "Counters (medians per run): " + "; ".join(
+            f"**{s['config']}** " + ", ".join(f"{k} {_num(v)}" for k, v in s["counters"].items() if v)
+            for s in doc["summary"]["rows"] if s["scenario"] == scenario), ""]
+    lines += ["### Targets", "", "| scenario | comparison | target (lower bound) | ratio [95 %] | met |",
+              "|---|---|---|---|---|"]
+    for t in doc["summary"]["targets"]:
+        met = {True: "yes", False: "**no**", None: "undecided (too few rounds)"}[t["holds"]]
+        what = "desktop ops/s " if t["what"] == "desktop_ops_s" else ""
+        lines.append(f"| {t['scenario']} | {what}{t['config']} ÷ {t['versus']} | ≥ {t['target']} "
+                     f"| {interval_cell(t['interval'])} | {met} |")
     lines += ["", "Configurations:", ""]
-    lines += [f"- **{c}**: {CONFIG_TEXT[c]}" for c in doc["options"]["configs"]]
+    lines += [f"- **{c}**: {CONFIG_TEXT[c]}" for c in o["configs"]]
     lines += [f"- not run: {n}" for n in doc["notes"]]
     lines += [
         "",
-        "Medians with [min–max] over rounds; ÷ limit is each run's tok/s divided by `limit`'s in the same round. "
-        "Configurations run interleaved, round by round, in rotating order.",
+        "Ratios are geometric means of per-round ratios (configurations run interleaved in rotating order within "
+        "each round) with 95 % t-intervals on the log scale; a target is met only when the lower bound clears it. "
+        "Rates carry Wilson 95 % intervals. A run with an OOM kill or a dead desktop is a failure and is not in the "
+        "ratios. p99 gap pools every token gap of the configuration's runs.",
         "",
     ]
     return "\n".join(lines)
@@ -324,6 +494,8 @@ def setting_paths() -> dict[str, str]:
     paths = {name: f"/{knob.path}" for name, knob in catalogue.SCALAR_KNOBS.items()}
     paths |= {
         "vm.nr_hugepages": "/proc/sys/vm/nr_hugepages",
+        "vm.min_free_kbytes": "/proc/sys/vm/min_free_kbytes",  # the emulated box's watermarks
+        "vm.watermark_scale_factor": "/proc/sys/vm/watermark_scale_factor",
         "vm.dirty_ratio": "/proc/sys/vm/dirty_ratio",
         "vm.dirty_background_ratio": "/proc/sys/vm/dirty_background_ratio",
         "thp.enabled": "/sys/kernel/mm/transparent_hugepage/enabled",
@@ -543,8 +715,10 @@ def machine_info() -> dict[str, Any]:
 # imperative shell: one run
 
 
-def _post_stream(url: str, prompt: str, tokens: int, timeout: float) -> tuple[float, list[float]]:
-    """Stream a greedy completion (EOS banned: always `tokens` tokens); the start and each chunk's arrival."""
+def _post_stream(url: str, prompt: str, tokens: int, deadline_s: float) -> tuple[float, list[float], dict[str, Any]]:
+    """Stream a greedy completion (EOS banned: always `tokens` tokens) through the OpenAI-style endpoint both
+    servers have; the start, each token's arrival and the server's own timings when it sends them. Reading stops
+    at `deadline_s`: a request that slow counts what had arrived by then."""
     import urllib.request
 
     body = {
@@ -557,8 +731,9 @@ def _post_stream(url: str, prompt: str, tokens: int, timeout: float) -> tuple[fl
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     arrivals = []
+    extra: dict[str, Any] = {}
     started = time.monotonic()
-    with opener.open(request, timeout=timeout) as response:
+    with opener.open(request, timeout=deadline_s) as response:
         for raw in response:
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -566,9 +741,104 @@ def _post_stream(url: str, prompt: str, tokens: int, timeout: float) -> tuple[fl
             data = line[5:].strip()
             if data == b"[DONE]":
                 break
-            if json.loads(data)["choices"][0].get("finish_reason") is None:  # the last chunk carries no token
+            chunk = json.loads(data)
+            if "timings" in chunk:
+                extra["server_timings"] = chunk["timings"]
+            choices = chunk.get("choices") or [{}]
+            if choices[0].get("finish_reason") is None and choices[0].get("text", "") != "":
                 arrivals.append(time.monotonic())
-    return started, arrivals
+            if time.monotonic() - started > deadline_s:
+                extra["truncated"] = True
+                break
+    return started, arrivals, extra
+
+
+def vm_counters() -> dict[str, int]:
+    """The reclaim and swap counters that explain a result (/proc/vmstat), PSI totals in ms (/proc/pressure)."""
+    wanted = {"pswpin", "pswpout", "zswpin", "zswpout", "oom_kill", "workingset_refault_anon",
+              "workingset_refault_file"}
+    out = dict.fromkeys(("pgscan", "pgsteal", "allocstall"), 0)
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, value = line.split()
+        if name in wanted:
+            out[name] = int(value)
+        for prefix in ("pgscan", "pgsteal", "allocstall"):
+            if name.startswith(prefix + "_") and not name.startswith("pgscan_skip"):
+                out[prefix] += int(value)
+    for resource in ("memory", "io", "cpu"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/pressure/{resource}").read_text().splitlines():
+                kind, *fields = line.split()
+                total = dict(f.split("=") for f in fields)["total"]
+                out[f"psi_{resource}_{kind}_ms"] = int(total) // 1000
+    return out
+
+
+def swap_latency(work: Path, mib: int = 64, samples: int = 200) -> dict[str, float]:
+    """4 KiB random reads and synchronous writes with O_DIRECT on a scratch file in the swap file's directory:
+    what a swap-in costs here (a virtio disk the host probably caches is far faster than a laptop's HDD)."""
+    import mmap
+    import random
+
+    path = work / "latency.probe"
+    with path.open("wb") as fh:
+        fh.write(os.urandom(mib * MIB))
+        fh.flush()
+        os.fsync(fh.fileno())
+    buf = mmap.mmap(-1, 4096)
+    rng = random.Random(1)
+    reads, writes = [], []
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    try:
+        for _ in range(samples):
+            offset = rng.randrange(mib * MIB // 4096) * 4096
+            t = time.perf_counter()
+            os.preadv(fd, [buf], offset)
+            reads.append((time.perf_counter() - t) * 1e6)
+            t = time.perf_counter()
+            os.pwritev(fd, [buf], offset)
+            writes.append((time.perf_counter() - t) * 1e6)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"read_p50_us": round(percentile(reads, 50), 1), "read_p99_us": round(percentile(reads, 99), 1),
+            "write_p50_us": round(percentile(writes, 50), 1), "write_p99_us": round(percentile(writes, 99), 1)}
+
+
+def zone_watermarks() -> dict[str, dict[str, int]]:
+    """/proc/zoneinfo's min/low/high (pages) and managed pages per zone that has memory."""
+    zones: dict[str, dict[str, int]] = {}
+    name = None
+    for line in Path("/proc/zoneinfo").read_text().splitlines():
+        words = line.split()
+        if line.startswith("Node"):
+            name = f"{words[1].rstrip(',')}/{words[3]}"
+        elif name and len(words) == 2 and words[0] in ("min", "low", "high", "managed"):
+            zones.setdefault(name, {})[words[0]] = int(words[1])
+    return {z: v for z, v in zones.items() if v.get("managed")}
+
+
+def emulated_watermarks(ram_mib: int, total_mib: int, scale_factor: int) -> dict[str, str]:
+    """min_free_kbytes and watermark_scale_factor for a box of `ram_mib`: the kernel sizes both from the
+    zone's managed pages, which still include the hugetlb reservation (min_free_kbytes = √(16 × KiB of RAM),
+    clamped to 128–262144; the low–high gap is scale_factor / 10000 of the zone)."""
+    import math
+
+    min_free = max(128, min(262144, math.isqrt(ram_mib * 1024 * 16)))
+    return {"vm.min_free_kbytes": str(min_free),
+            "vm.watermark_scale_factor": str(max(1, round(scale_factor * ram_mib / total_mib)))}
+
+
+def memcpy_gbs(mib: int = 256, repeats: int = 3) -> float:
+    """The calibration probe's memory bandwidth: the best of a few memcpys of `mib` MiB."""
+    src = bytearray(os.urandom(1 << 20)) * mib
+    dst = bytearray(len(src))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        memoryview(dst)[:] = src
+        best = min(best, time.perf_counter() - t)
+    return round(len(src) / best / 1e9, 2)
 
 
 def _healthy(url: str) -> bool:
@@ -613,17 +883,34 @@ class Model:
 
 
 class Bench:
-    def __init__(self, guard: Guard, opts: Options, model: Model, work: Path, policy: Path | None) -> None:
+    def __init__(self, guard: Guard, opts: Options, model: Model, work: Path, policy: Path | None,
+                 server_bin: Path | None, probe_model: Path | None) -> None:
         self.g = guard
         self.opts = opts
         self.model = model
         self.work = work
         self.policy = policy
+        self.server_bin = server_bin
+        self.probe_model = probe_model
+        from .launch import probe_flags
+
+        self.flags = (probe_flags(str(server_bin)) if server_bin else None) or frozenset()
         self.python = LLAMA_VENV / "bin" / "python"
         self.total_mib = meminfo()["MemTotal"] // 1024
         self.count = 0
+        self.base_policy: dict[str, Any] = {}
+        if policy is not None:
+            import tomllib
+
+            with policy.open("rb") as fh:
+                self.base_policy = tomllib.load(fh)
         text = "The quick brown fox jumps over the lazy dog near the river bank."
         self.prompt = " ".join(text.split()[i % 13] for i in range(PROMPT_WORDS))
+        # about 4 words per 3 tokens with the Llama SPM vocabulary; the server's own count is recorded
+        self.long_prompt = " ".join(text.split()[i % 13] for i in range(opts.prompt_tokens * 3 // 4))
+        self.files = work / "desktop-files"
+        if opts.file_mib:
+            subprocess.run([str(self.python), str(WORKER), "files", str(self.files), str(opts.file_mib)], check=True)
 
     # -- scenario-wide parts --------------------------------------------------------------------
 
@@ -651,8 +938,9 @@ class Bench:
     # -- per-run parts -----------------------------------------------------------------------------
 
     def reserve(self) -> int:
-        """Take RAM away: MemTotal − hugetlb = --ram-mib. Returns the pages reserved; BenchError when the kernel
-        could not find them all (fragmented or in use): the box would not be the one asked for."""
+        """Take RAM away: MemTotal − hugetlb = --ram-mib, with the watermarks the emulated box would have.
+        Returns the pages reserved; BenchError when the kernel could not find them all (fragmented or in use):
+        the box would not be the one asked for."""
         want = max(0, (self.total_mib - self.opts.ram_mib) // HUGEPAGE_MIB)
         self.g.set("vm.nr_hugepages", str(want))
         got = int(_read("/proc/sys/vm/nr_hugepages"))
@@ -661,6 +949,10 @@ class Bench:
                 f"could reserve only {got} of {want} hugetlb pages (fragmented or in use): the emulated RAM would be "
                 f"{self.total_mib - got * HUGEPAGE_MIB} MiB instead of {self.opts.ram_mib}"
             )
+        scale = int(self.g.settings.get("vm.watermark_scale_factor", "10"))
+        for name, value in emulated_watermarks(self.opts.ram_mib, self.total_mib, scale).items():
+            if name in self.g.paths:
+                self.g.set(name, value)
         return got
 
     def cgroup(self, limit_mib: int | None) -> Path | None:
@@ -683,79 +975,99 @@ class Bench:
             _write(path / limit_file, str(limit_mib * MIB))
         return path
 
-    def desktop(self, mib: int, rewrite: int, cg: Path | None) -> subprocess.Popen[str]:
+    def desktop(self, mib: int, accesses: int, cg: Path | None) -> tuple[subprocess.Popen[str], list[int]]:
+        files = str(self.files) if self.opts.file_mib else "-"
         proc = self.g.start(
-            [str(self.python), str(WORKER), "desktop", str(mib), str(rewrite)],
-            cg, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [str(self.python), str(WORKER), "desktop", str(mib), files, str(accesses)],
+            cg, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            raise BenchError(f"the desktop working set ({mib} MiB) did not start (exit {proc.wait()})")
-        return proc
+        words = proc.stdout.readline().split()
+        if not words or words[0] != "ready":
+            raise BenchError(f"the desktop ({mib} MiB) did not start (exit {proc.wait()})")
+        return proc, [int(w) for w in words[1:]]
 
-    def server_argv(self, port: int, threads: int) -> list[str]:
-        return [
-            str(self.python), "-m", "llama_cpp.server", "--model", str(self.model.path),
-            "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--n_ctx", str(self.opts.context), "--use_mmap", "false", "--use_mlock", "false",
-        ]
+    @staticmethod
+    def desktop_counters(proc: subprocess.Popen[str]) -> dict[str, Any] | None:
+        """The desktop's counters now (SIGUSR1, one JSON line back); None when it has died."""
+        if proc.poll() is not None:
+            return None
+        assert proc.stdout is not None
+        proc.send_signal(signal.SIGUSR1)
+        line = proc.stdout.readline()
+        return json.loads(line) if line else None
 
-    def start_server(self, port: int, cg: Path | None, log: Path) -> tuple[subprocess.Popen[Any], int]:
-        threads = self.opts.threads or physical_cores()
-        with log.open("wb") as fh:
-            proc = self.g.start(
-                self.server_argv(port, threads), cg, stdout=fh, stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-            )
+    def server_argv(self, port: int, config: Config) -> list[str]:
+        """The server as a user starts it: its own defaults (threads too) but for the port and the context, which
+        every configuration shares; hand-tune adds the one flag and the thread count a user would try."""
+        threads = self.opts.threads or (physical_cores() if config.start == "hand" else None)
+        if self.opts.server == "llama-server":
+            argv = [str(self.server_bin), "--model", str(self.model.path), "--host", "127.0.0.1", "--port", str(port),
+                    "--ctx-size", str(self.opts.context)]
+            argv += ["--threads", str(threads), "--threads-batch", str(threads)] if threads else []
+            argv += ["--prio", "2"] if config.start == "hand" else []  # llama.cpp's "high": nice -10
+            if self.opts.mmap:
+                return argv
+            return argv + (["--load-mode", "none"] if "--load-mode" in self.flags else ["--no-mmap"])
+        argv = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model.path), "--host", "127.0.0.1",
+                "--port", str(port), "--n_ctx", str(self.opts.context)]
+        argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else []
+        argv += [] if self.opts.mmap else ["--use_mmap", "false"]
+        return (["nice", "-n", str(HAND_NICE)] if config.start == "hand" else []) + argv
+
+    def health_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}/" + ("health" if self.opts.server == "llama-server" else "v1/models")
+
+    def wait_ready(self, proc: subprocess.Popen[Any], port: int, log: Path) -> None:
         deadline = time.monotonic() + SERVER_READY_S
-        while not _healthy(f"http://127.0.0.1:{port}/v1/models"):
+        while not _healthy(self.health_url(port)):
             if proc.poll() is not None:
                 raise BenchError(f"the server exited with {proc.returncode} while loading (see {log})")
             if time.monotonic() > deadline:
                 raise BenchError(f"the server was not ready after {SERVER_READY_S:.0f} s (see {log})")
-            time.sleep(0.25)
+            time.sleep(0.1)
+
+    def start_server(self, port: int, cg: Path | None, log: Path, config: Config) -> tuple[subprocess.Popen[Any], int]:
+        env = dict(os.environ)
+        if self.opts.threads or config.start == "hand":
+            env["OMP_NUM_THREADS"] = str(self.opts.threads or physical_cores())
+        with log.open("wb") as fh:
+            proc = self.g.start(self.server_argv(port, config), cg, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready(proc, port, log)
         return proc, proc.pid
 
-    def launch_policy(self, port: int) -> Path:
-        """The user's --policy (if any) with the bench's [model] section: what `autoglm-tune launch` reads."""
-        import tomllib
-
+    def policy_file(self, config: Config, port: int) -> Path:
+        """--policy with the configuration's overrides and the bench's [model] section: what the plan and
+        `autoglm-tune launch` read for this configuration."""
         import tomli_w
 
-        doc: dict[str, Any] = {}
-        if self.policy is not None:
-            with self.policy.open("rb") as fh:
-                doc = tomllib.load(fh)
+        doc = policy_variant(self.base_policy, config)
+        server = {"preset": "llama-server", "program": str(self.server_bin)} if self.opts.server == "llama-server" \
+            else {"preset": "llama-cpp-python", "program": str(self.python)}
         doc.setdefault("model", {}).update(
-            {
-                "preset": "llama-cpp-python",
-                "program": str(self.python),
-                "model_path": str(self.model.path),
-                "context_size": self.opts.context,
-                "host": "127.0.0.1",
-                "port": port,
-                "ready_timeout_s": int(SERVER_READY_S),
-                "mmap": False,
-            }
+            {**server, "model_path": str(self.model.path), "context_size": self.opts.context, "host": "127.0.0.1",
+             "port": port, "ready_timeout_s": int(SERVER_READY_S), "mmap": self.opts.mmap}
         )
         if self.opts.threads:
             doc.setdefault("process", {})["threads"] = self.opts.threads
-        path = self.work / "launch-policy.toml"
+        path = self.work / f"policy-{config.name}.toml"
         path.write_bytes(tomli_w.dumps(doc).encode())
         return path
 
-    def launch(self, port: int, cg: Path | None, log: Path) -> tuple[subprocess.Popen[Any], int]:
-        """`autoglm-tune launch` with the planned CPU set, threads and memory protection; the server's pid."""
-        argv = [sys.executable, "-m", "autoglm_tune", "launch", "--policy", str(self.launch_policy(port)), "--json",
-                "--log", str(log)]
+    def launch(self, port: int, cg: Path | None, log: Path,
+               config: Config) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+        """`autoglm-tune launch` with the planned CPU set, threads and memory protection; its JSON "ready" line
+        (with the server's pid). What it decided is read back from the process: nice, CPUs, VmLck, memcg."""
+        argv = [sys.executable, "-m", "autoglm_tune", "launch", "--policy", str(self.policy_file(config, port)),
+                "--json", "--log", str(log)]
         proc = self.g.start(argv, cg, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
             raise BenchError(f"autoglm-tune launch exited {proc.wait()}: {proc.stderr.read() if proc.stderr else ''}")
-        return proc, json.loads(line)["pid"]
+        return proc, json.loads(line)
 
-    def apply_plan(self, capped: bool) -> str | None:
+    def apply_plan(self, capped: bool, config: Config, port: int) -> str | None:
         """The plan for this machine — with its RAM as emulated — applied through the root helper."""
         from . import helper_client
         from .collect import collect_facts
@@ -766,7 +1078,7 @@ class Bench:
         if capped:
             memory = dataclasses.replace(facts.memory, total_kib=self.opts.ram_mib * 1024)
             facts = dataclasses.replace(facts, memory=memory)
-        plan = make_plan(facts, load_policy(self.policy)).to_dict()
+        plan = make_plan(facts, load_policy(self.policy_file(config, port))).to_dict()
         # units: the helper cannot apply them yet; swap.file: the bench's own swap file stands in for it (a
         # plan wants one only when something else turned that off, and a refused rollback would leave it)
         changes = [c for c in plan["changes"] if c["knob"] not in ("unit", "swap.file")]
@@ -782,9 +1094,10 @@ class Bench:
         self.g.txids.append(report["txid"])
         return report["txid"]
 
-    def set_recipe(self, capped: bool) -> None:
-        ram = self.opts.ram_mib if capped else self.total_mib
-        self.g.set("zswap.max_pool_percent", str(scaled_pool_percent(RECIPE_POOL_PERCENT, ram, self.total_mib)))
+    def set_recipe(self, capped: bool, literal: bool) -> None:
+        # as meant: 512 MB of MemTotal (which on an emulated box includes the reservation)
+        pool = RECIPE_LITERAL_POOL if literal else str(max(1, round(100 * RECIPE_POOL_MIB / self.total_mib)))
+        self.g.set("zswap.max_pool_percent", pool)
         for name, value in RECIPE.items():
             self.g.set(name, value)
 
@@ -800,14 +1113,31 @@ class Bench:
             time.sleep(0.5)
         return proc
 
+    def probe(self) -> dict[str, Any]:
+        """The calibration probe before a run: memory bandwidth, and a fixed tiny decode when llama-bench and the
+        tiny model are here. A round whose probe drifts > 10 % from the bench's median is flagged."""
+        out: dict[str, Any] = {"memcpy_gbs": memcpy_gbs()}
+        bench_bin = self.server_bin.with_name("llama-bench") if self.server_bin else None
+        if bench_bin and bench_bin.exists() and self.probe_model:
+            done = subprocess.run([str(bench_bin), "-m", str(self.probe_model), "-p", "0", "-n", "32", "-r", "2",
+                                   "-t", "1", "-o", "json"], capture_output=True, text=True, timeout=120)
+            with contextlib.suppress(ValueError, KeyError, IndexError):
+                out["tiny_tok_s"] = round(json.loads(done.stdout)[0]["avg_ts"], 1)
+        return out
+
+    def request(self, port: int, prompt: str, tokens: int) -> tuple[float, list[float], dict[str, Any]]:
+        return _post_stream(f"http://127.0.0.1:{port}/v1/completions", prompt, tokens, self.opts.run_timeout_s)
+
     def run(self, key: RunKey, desktop_size: int) -> dict[str, Any]:
         """One measured run; every part it starts or sets is undone before it returns."""
         import http.client
 
         scenario = SCENARIOS[key.scenario]
+        config = CONFIGS_BY_NAME[key.config]
         capped = scenario.capped and key.config != "limit"
         hog = scenario.hog and key.config != "limit"
-        result: dict[str, Any] = {**dataclasses.asdict(key), "ok": False, "loadavg": os.getloadavg()[0]}
+        desktop_size = desktop_size if key.config != "limit" else 0
+        result: dict[str, Any] = {**dataclasses.asdict(key), "value": None, "loadavg": os.getloadavg()[0]}
         started: list[subprocess.Popen[Any]] = []
         txid = None
         cg = None
@@ -815,61 +1145,86 @@ class Bench:
         logs = self.work / "logs"
         logs.mkdir(exist_ok=True)
         log = logs / f"{key.scenario}-{key.round}-{key.config}.log"
+        port = _free_port()
         try:
-            if key.config == "recipe":
-                self.set_recipe(capped)
-            elif key.config == "autoglm-tune":
-                txid = self.apply_plan(capped)
+            result["probe"] = self.probe()
+            if config.settings.startswith("recipe"):
+                self.set_recipe(capped, config.settings == "recipe-literal")
+            elif config.settings == "plan":
+                txid = self.apply_plan(capped, config, port)
                 result["txid"] = txid
-            elif key.config == "tuned":
+            elif config.settings == "tuned":
                 started.append(self.start_tuned(logs / f"tuned-{key.scenario}-{key.round}.log"))
             if capped and self.opts.emulate == "hugetlb":
                 result["hugepages"] = self.reserve()
+                result["watermarks"] = zone_watermarks()
             limit = self.opts.ram_mib if capped and self.opts.emulate == "cgroup" else None
             cg = self.cgroup(limit)
             if cg is not None and limit is not None:
                 v1 = cg / "memory.limit_in_bytes"
                 result["cgroup_limit_mib"] = int(_read(v1 if v1.exists() else cg / "memory.max")) // MIB
-            desk = self.desktop(desktop_size, scenario.rewrite_percent, cg) if desktop_size else None
+            desk, desk_pids = self.desktop(desktop_size, scenario.accesses, cg) if desktop_size else (None, [])
             started += [desk] if desk else []
+            hog_proc = None
             if hog:
-                started.append(self.g.start([sys.executable, str(WORKER), "hog"], cg))
-            port = _free_port()
+                hog_proc = self.g.start([sys.executable, str(WORKER), "hog"], cg, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, text=True)
+                started.append(hog_proc)
+            if scenario.measure == "cold":
+                os.sync()
+                _write("/proc/sys/vm/drop_caches", "3")
             t0 = time.monotonic()
-            if key.config == "autoglm-tune":
-                server, pid = self.launch(port, cg, log)
+            if config.start == "launch":
+                server, ready = self.launch(port, cg, log, config)  # its line comes once the server is ready
+                pid = ready["pid"]
             else:
-                server, pid = self.start_server(port, cg, log)
+                server, pid = self.start_server(port, cg, log, config)
             started.append(server)
             result["load_s"] = round(time.monotonic() - t0, 2)
             status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-            environ = dict(
-                e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e
-            )
-            result["threads"] = int(environ.get(b"OMP_NUM_THREADS", b"0"))
+            result["threads"] = int(status["Threads"])
+            result["nice"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
             result["cpus"] = status["Cpus_allowed_list"].strip()
             result["vm_locked_kib"] = int(status["VmLck"].split()[0])
             result["memory_cgroup"], result["memcg_swappiness"] = memory_cgroup_of(pid)
             result["settings"] = read_settings(self.g.paths)  # as they were while it ran
-            flt = _majflt(pid)
-            begin, arrivals = _post_stream(
-                f"http://127.0.0.1:{port}/v1/completions", self.prompt, self.opts.tokens, SERVER_READY_S
-            )
-            after = _majflt(pid)
-            result["model_swap_mib"] = _proc_mib(pid, "status", "VmSwap")  # its own pages in swap: was it protected?
-            result |= token_stats(begin, arrivals)
-            result["majflt"] = after - flt if after is not None and flt is not None else None
+            if scenario.idle_first:  # loaded and warmed, then left while the desktop works
+                self.request(port, self.prompt, 8)
+                time.sleep(self.opts.idle_s)
+            prompt = self.long_prompt if scenario.measure == "prompt" else self.prompt
+            tokens = 8 if scenario.measure in ("prompt", "cold") else self.opts.tokens
+            flt, counters0 = _majflt(pid), vm_counters()
+            desk0 = self.desktop_counters(desk) if desk else None
+            hog0 = self.hog_loops(hog_proc)
+            t_begin = time.monotonic()
+            begin, arrivals, extra = self.request(port, prompt, tokens)
+            window = time.monotonic() - t_begin
+            desk1 = self.desktop_counters(desk) if desk else None
+            hog1 = self.hog_loops(hog_proc)
+            counters1, after = vm_counters(), _majflt(pid)
+            result |= token_stats(begin, arrivals) | extra
+            result["window_s"] = round(window, 2)
+            counters = {k: counters1[k] - counters0.get(k, 0) for k in counters1 if k != "oom_kill"}
+            counters["majflt"] = after - flt if after is not None and flt is not None else None
+            counters["model_swap_mib"] = _proc_mib(pid, "status", "VmSwap")  # its own pages in swap
             mem = meminfo()
-            result["swap_used_mib"] = (mem["SwapTotal"] - mem["SwapFree"]) // 1024
-            result["zswap_stored_pages"] = mem.get("Zswapped", 0) // 4
-            result["zswap_ratio"] = round(mem["Zswapped"] / mem["Zswap"], 2) if mem.get("Zswap") else None
-            result["desktop_alive"] = desk.poll() is None if desk else None
-            if desk and result["desktop_alive"]:
-                result["desktop_thp_mib"] = _proc_mib(desk.pid, "smaps_rollup", "AnonHugePages")
+            counters["swap_used_mib"] = (mem["SwapTotal"] - mem["SwapFree"]) // 1024
+            counters["zswap_stored_mib"] = mem.get("Zswapped", 0) // 1024
+            counters["zswap_ratio"] = round(mem["Zswapped"] / mem["Zswap"], 2) if mem.get("Zswap") else None
+            if desk_pids:
+                thp = [_proc_mib(p, "smaps_rollup", "AnonHugePages") for p in desk_pids]
+                counters["desktop_thp_mib"] = sum(v for v in thp if v is not None)
+            result["counters"] = counters
+            if hog0 is not None and hog1 is not None:
+                result["hog_loops_s"] = round((hog1 - hog0) / window, 1)
+            if desk0 and desk1:
+                result["desktop"] = desktop_window(desk0, desk1, window)
+            result["desktop_alive"] = (desk1 is not None and result["desktop"]["alive"]) if desk else None
             result["oom_kills"] = vmstat("oom_kill") - oom_before
-            result["ok"] = result["tok_s"] is not None
-        except (TuneError, OSError, ValueError, http.client.HTTPException, subprocess.CalledProcessError) as exc:
-            result["error"] = str(exc)
+            result["value"] = primary(scenario, result)
+        except (TuneError, OSError, ValueError, KeyError, http.client.HTTPException,
+                subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
             result["oom_kills"] = vmstat("oom_kill") - oom_before
         finally:
             for proc in reversed(started):
@@ -882,6 +1237,16 @@ class Bench:
             if cg is not None:
                 self.g.remove_cgroup(cg)
         return result
+
+    @staticmethod
+    def hog_loops(proc: subprocess.Popen[str] | None) -> int | None:
+        """The CPU hog's own progress: its loop count (SIGUSR1, one line back)."""
+        if proc is None or proc.poll() is not None:
+            return None
+        assert proc.stdout is not None
+        proc.send_signal(signal.SIGUSR1)
+        line = proc.stdout.readline()
+        return int(line) if line.strip() else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -922,6 +1287,27 @@ def prepare_model(model: Path | None, size: str, work: Path, context: int) -> Mo
     return Model(model, need // MIB)
 
 
+GUEST_CACHE = Path(os.environ.get("AUTOGLM_GUEST_CACHE", "/var/cache/autoglm-tune-test"))
+
+
+def find_llama_server(given: Path | None) -> Path:
+    """--server-bin, else `llama-server` on PATH, else the newest host build of tests/guest/build-llama-server.sh."""
+    import shutil
+
+    if given is not None:
+        if not (given.is_file() and os.access(given, os.X_OK)):
+            raise BadInput(f"--server-bin {given}: not an executable file; allowed: the path of llama-server")
+        return given
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    builds = sorted(GUEST_CACHE.glob("llama-server-host-*/llama-server"), key=lambda p: p.stat().st_mtime)
+    if builds:
+        return builds[-1]
+    raise BadInput("--server llama-server: no llama-server found; allowed: --server-bin PATH, llama-server on PATH, "
+                   "or build it with tests/guest/build-llama-server.sh host")
+
+
 def check_options(opts: Options, total_mib: int, used_mib: int) -> None:
     if opts.rounds < 1:
         raise BadInput(f"--rounds {opts.rounds}: allowed: an integer ≥ 1")
@@ -931,6 +1317,12 @@ def check_options(opts: Options, total_mib: int, used_mib: int) -> None:
         raise BadInput(f"--context {opts.context}: allowed: an integer 256–1048576")
     if opts.threads is not None and opts.threads < 1:
         raise BadInput(f"--threads {opts.threads}: allowed: an integer ≥ 1")
+    if opts.server not in SERVERS:
+        raise BadInput(f"--server {opts.server!r}: allowed: {', '.join(SERVERS)}")
+    for flag, value, low in (("--idle-s", opts.idle_s, 0), ("--prompt-tokens", opts.prompt_tokens, 16),
+                             ("--file-mib", opts.file_mib, 0), ("--run-timeout-s", opts.run_timeout_s, 10)):
+        if value < low:
+            raise BadInput(f"{flag} {value}: allowed: an integer ≥ {low}")
     if opts.desktop_mib is not None and opts.desktop_mib < 0:
         raise BadInput(f"--desktop-mib {opts.desktop_mib}: allowed: an integer ≥ 0")
     if any(SCENARIOS[s].capped for s in opts.scenarios) and not used_mib + 256 <= opts.ram_mib <= total_mib:
@@ -940,9 +1332,25 @@ def check_options(opts: Options, total_mib: int, used_mib: int) -> None:
         )
 
 
+def mark_drift(runs: list[dict[str, Any]], tolerance: float = 0.10) -> None:
+    """Flag each run whose calibration probe is more than `tolerance` from the bench's median probe: the host
+    was faster or slower then, and the round's comparisons are less trustworthy (research test-env §11)."""
+    import statistics
+
+    for key in ("memcpy_gbs", "tiny_tok_s"):
+        values = [r["probe"][key] for r in runs if (r.get("probe") or {}).get(key)]
+        if len(values) < 3:
+            continue
+        median = statistics.median(values)
+        for r in runs:
+            value = (r.get("probe") or {}).get(key)
+            if value and abs(value / median - 1) > tolerance:
+                r["drifted"] = True
+
+
 def bench(
     opts: Options, model: Model, work: Path, policy: Path | None, command: str, preliminary: str | None,
-    notes: list[str], err: TextIO,
+    notes: list[str], err: TextIO, server_bin: Path | None = None, probe_model: Path | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """All runs; returns the results document and what could not be restored (empty when all was)."""
     mem = meminfo()
@@ -959,6 +1367,8 @@ def bench(
         "options": dataclasses.asdict(opts),
         "emulation": {"how": opts.emulate, "ram_mib": opts.ram_mib, "available_mib": available_mib}
         if any(SCENARIOS[s].capped for s in opts.scenarios) else None,
+        "server": str(server_bin) if server_bin else None,
+        "zoneinfo": zone_watermarks(),
         "notes": notes,
         "runs": runs,
         "interrupted": None,
@@ -967,9 +1377,10 @@ def bench(
     guard = Guard()
     problems: list[str] = []
     try:
-        b = Bench(guard, opts, model, work, policy)
+        b = Bench(guard, opts, model, work, policy, server_bin, probe_model)
         keys = schedule(opts)
         progress(err, 0, len(keys), "starting")
+        doc["swap_latency"] = swap_latency(work)
         # one swap file for every scenario and configuration: the plan then finds disk swap and plans none
         swap = b.make_swap(max(1024, 2 * opts.ram_mib))
         for i, key in enumerate(keys):
@@ -978,7 +1389,9 @@ def bench(
             result = b.run(key, size)
             result["desktop_mib"] = size
             runs.append(result)
-            tok = f"{result['tok_s']:.1f} tok/s" if result.get("tok_s") else result.get("error", "failed")
+            why = failed(result)
+            tok = f"{result['value']:.3g}" + (f" (failed: {why})" if why else "") if result.get("value") else \
+                f"failed: {why}"
             progress(err, i + 1, len(keys), f"{key.scenario} round {key.round + 1} {key.config}: {tok}")
         b.drop_swap(swap)
     except Interrupted as exc:
@@ -988,6 +1401,7 @@ def bench(
         doc["error"] = str(exc)
     finally:
         problems = guard.restore()
+    mark_drift(runs)
     doc["summary"] = summarize(runs)
     doc["restored"] = {"settings": sorted(guard.touched), "swaps": guard.swaps, "problems": problems,
                        "notes": guard.notes}
@@ -1003,10 +1417,10 @@ def write_outputs(doc: dict[str, Any], out: Path, docs: Path | None, err: TextIO
     (out / "BENCHMARKS.md").write_text(text)
     if docs is not None:
         docs.write_text(splice(docs.read_text() if docs.exists() else None, text))
-    if not any(r.get("tok_s") for r in doc["runs"]):
+    if not any(r.get("value") for r in doc["runs"]):
         return
     plot = subprocess.run(
-        [str(LLAMA_VENV / "bin" / "python"), str(WORKER), "plot", str(out / "results.json"), str(out / "bench.png")],
+        [str(LLAMA_VENV / "bin" / "python"), str(WORKER), "plot", str(out / "results.json"), str(out)],
         capture_output=True, text=True,
     )
     if plot.returncode != 0:

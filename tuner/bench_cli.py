@@ -17,9 +17,11 @@ import typer
 from .errors import BadInput, TuneError, fail
 
 # The names bench.py defines (checked equal by tests/bench): listed here for --help without importing it.
-SCENARIO_NAMES = ("heavy", "mild", "fits", "cpu")
-CONFIG_NAMES = ("limit", "untuned", "recipe", "autoglm-tune", "tuned")
-MODEL_SIZES = ("tiny", "1.1b", "3b")
+SCENARIO_NAMES = ("heavy", "mild", "fits", "cpu", "idle", "cold", "prompt")
+CONFIG_NAMES = ("limit", "untuned", "hand-tune", "recipe-literal", "recipe-512mb", "tuned", "autoglm-tune", "no-nice",
+                "no-resident", "kernel-only", "zswap-on")
+MODEL_SIZES = ("tiny", "1.1b", "3b", "9b")
+SERVER_NAMES = ("llama-server", "llama-cpp-python")
 ALL_SCENARIOS, ALL_CONFIGS = ",".join(SCENARIO_NAMES), ",".join(CONFIG_NAMES)
 
 
@@ -32,12 +34,20 @@ def bench_command(
     config: Annotated[str, _opt("--config", f"Comma-separated: {', '.join(CONFIG_NAMES)}.")] = ALL_CONFIGS,
     rounds: Annotated[int, _opt("--rounds", "Rounds per scenario (≥ 5 near the thrash edge).")] = 5,
     model: Annotated[Path | None, _opt("--model", "A GGUF model file instead of a generated one.")] = None,
-    model_size: Annotated[str, _opt("--model-size", f"Generated model: {', '.join(MODEL_SIZES)}.")] = "1.1b",
-    ram_mib: Annotated[int, _opt("--ram-mib", "Emulated RAM (MemTotal) for the capped scenarios.")] = 4096,
+    model_size: Annotated[str, _opt("--model-size", f"Generated model: {', '.join(MODEL_SIZES)}.")] = "9b",
+    ram_mib: Annotated[int, _opt("--ram-mib", "Emulated RAM (MemTotal) for the capped scenarios.")] = 8192,
+    server: Annotated[str, _opt("--server", f"Model server: {', '.join(SERVER_NAMES)}.")] = "llama-server",
+    server_bin: Annotated[Path | None, _opt("--server-bin", "llama-server binary (default: PATH, then the cached "
+                                            "host build).")] = None,
+    mmap: Annotated[bool, typer.Option("--mmap/--no-mmap", help="Weights mmap'd (the servers' default).")] = True,
+    idle_s: Annotated[int, _opt("--idle-s", "Seconds the idle scenario leaves the loaded model alone.")] = 120,
+    prompt_tokens: Annotated[int, _opt("--prompt-tokens", "Prompt length of the prompt scenario.")] = 1536,
+    file_mib: Annotated[int, _opt("--file-mib", "The desktop's file cache (MiB, 0: none).")] = 256,
+    run_timeout_s: Annotated[int, _opt("--run-timeout-s", "A request's time limit; what arrived counts.")] = 600,
     emulate: Annotated[str, _opt("--emulate", "hugetlb (RAM taken from the kernel) or cgroup (a limit).")] = "hugetlb",
     desktop: Annotated[int | None, _opt("--desktop-mib", "Desktop size instead of the scenario's.")] = None,
-    tokens: Annotated[int, _opt("--tokens", "Tokens generated per run.")] = 64,
-    context: Annotated[int, _opt("--context", "Context size of the server.")] = 1024,
+    tokens: Annotated[int, _opt("--tokens", "Tokens generated per run (≥ 256 for a per-run p99).")] = 256,
+    context: Annotated[int, _opt("--context", "Context size of the server.")] = 4096,
     threads: Annotated[int | None, _opt("--threads", "Threads for every config (default: each its own).")] = None,
     policy: Annotated[Path | None, _opt("--policy", "Policy TOML for the autoglm-tune config.")] = None,
     work: Annotated[Path, _opt("--work", "Models, swap file and logs.")] = Path("/var/tmp/autoglm-bench"),
@@ -53,7 +63,8 @@ def bench_command(
             scenarios=b.parse_list("--scenario", scenario, tuple(b.SCENARIOS)),
             configs=b.parse_list("--config", config, b.CONFIGS),
             rounds=rounds, ram_mib=ram_mib, emulate=emulate, desktop_mib=desktop, tokens=tokens, context=context,
-            threads=threads,
+            threads=threads, server=server, mmap=mmap, idle_s=idle_s, prompt_tokens=prompt_tokens, file_mib=file_mib,
+            run_timeout_s=run_timeout_s,
         )
         if emulate not in b.EMULATIONS:
             raise BadInput(f"--emulate {emulate!r}: allowed: {', '.join(b.EMULATIONS)}")
@@ -70,15 +81,20 @@ def bench_command(
             notes.append("tuned: TuneD is not installed (apt-get install tuned)")
             opts = dataclasses.replace(opts, configs=tuple(c for c in opts.configs if c != "tuned"))
         work.mkdir(parents=True, exist_ok=True)
+        binary = b.find_llama_server(server_bin) if server == "llama-server" else server_bin
         m = b.prepare_model(model, model_size, work, context)
+        probe = b.prepare_model(None, "tiny", work, 256).path
         command = "autoglm-tune bench " + shlex.join(sys.argv[2:])
-        doc, problems = b.bench(opts, m, work, policy, command, preliminary, notes, sys.stderr)
+        doc, problems = b.bench(opts, m, work, policy, command, preliminary, notes, sys.stderr, binary, probe)
         target = out or work / time.strftime("results-%Y%m%d-%H%M%S")
         b.write_outputs(doc, target, docs, sys.stderr)
         typer.echo(f"bench: results in {target} ({len(doc['runs'])} runs)")
-        for s in doc["summary"]:
-            typer.echo(f"  {s['scenario']:<6} {s['config']:<13} tok/s {b.cell(s['tok_s'], 1):<24} "
-                       f"÷ limit {b.cell(s['ratio_to_limit'])}  OOM kills {s['oom_kills']}")
+        for s in doc["summary"]["rows"]:
+            typer.echo(f"  {s['scenario']:<6} {s['config']:<14} {b.cell(s['value'], 3):<24} ÷ untuned "
+                       f"{b.interval_cell(s['vs'].get('untuned')):<20} failed {s['failed']['count']}/{s['runs']}")
+        for t in doc["summary"]["targets"]:
+            typer.echo(f"  target {t['scenario']} {t['config']} ÷ {t['versus']} ≥ {t['target']}: "
+                       f"{b.interval_cell(t['interval'])} → {t['holds']}")
         if problems:
             raise b.BenchError("not restored: " + "; ".join(problems))
         if doc["error"]:

@@ -39,6 +39,14 @@ def llama_python(root: None) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_server(llama_python: Path) -> Path:
+    """llama.cpp's own llama-server (and llama-bench beside it) for this machine, built once and cached."""
+    done = subprocess.run([str(ROOT / "tests" / "guest" / "build-llama-server.sh"), "host"], check=True,
+                          capture_output=True, text=True, timeout=3600)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
 def tiny_model(llama_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench-models") / "tiny.gguf"
     vocab = LLAMA_CACHE / "vocab" / "ggml-vocab-llama-spm.gguf"
@@ -61,7 +69,7 @@ def _bench_processes() -> set[int]:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if any(m in cmdline for m in (b"bench_worker.py", b"bench-models", b"launch-policy.toml")):
+            if any(m in cmdline for m in (b"bench_worker.py", b"bench-models", b"/policy-")):
                 found.add(int(proc.name))
     return found
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
-from autoglm_tune import bench, bench_cli
+from autoglm_tune import bench, bench_cli, policy
+from autoglm_tune import bench_stats as stats
 from autoglm_tune.errors import BadInput
 
 
 def opts(**kw: object) -> bench.Options:
-    base = {"scenarios": ("heavy", "cpu"), "configs": ("limit", "untuned", "recipe"), "rounds": 3, "ram_mib": 4096,
-            "emulate": "hugetlb",
-            "desktop_mib": None, "tokens": 8, "context": 512, "threads": None}
+    base = {"scenarios": ("heavy", "cpu"), "configs": ("limit", "untuned", "hand-tune"), "rounds": 3,
+            "ram_mib": 4096, "emulate": "hugetlb", "desktop_mib": None, "tokens": 8, "context": 512, "threads": None}
     return bench.Options(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -20,8 +21,8 @@ def test_schedule_interleaves_every_config_once_per_round_in_rotating_order() ->
     runs = bench.schedule(opts())
     assert len(runs) == 2 * 3 * 3
     heavy = [r for r in runs if r.scenario == "heavy"]
-    assert [r.config for r in heavy] == ["limit", "untuned", "recipe", "untuned", "recipe", "limit",
-                                         "recipe", "limit", "untuned"]
+    assert [r.config for r in heavy] == ["limit", "untuned", "hand-tune", "untuned", "hand-tune", "limit",
+                                         "hand-tune", "limit", "untuned"]
     assert [r.round for r in heavy] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert runs[:9] == heavy  # scenario by scenario
 
@@ -47,23 +48,106 @@ def test_token_stats_from_arrival_times() -> None:
     assert stats["tokens"] == 4 and stats["ttft_s"] == 0.5
     assert stats["tok_s"] == pytest.approx(3 / 0.5, rel=1e-3)
     assert stats["p50_ms"] == pytest.approx(100, abs=0.01) and stats["p99_ms"] == pytest.approx(300, abs=0.01)
+    assert stats["gaps_ms"] == [100.0, 100.0, 300.0]
     assert bench.token_stats(1.0, [])["tok_s"] is None
 
 
-def test_summary_ratios_come_from_the_same_round() -> None:
-    runs = [
-        {"scenario": "heavy", "round": 0, "config": "limit", "tok_s": 10.0, "oom_kills": 0},
-        {"scenario": "heavy", "round": 0, "config": "untuned", "tok_s": 2.0, "oom_kills": 1},
-        {"scenario": "heavy", "round": 1, "config": "limit", "tok_s": 20.0, "oom_kills": 0},
-        {"scenario": "heavy", "round": 1, "config": "untuned", "tok_s": 8.0, "oom_kills": 0},
-        {"scenario": "heavy", "round": 2, "config": "untuned", "tok_s": None, "error": "died", "oom_kills": 1},
-    ]
-    summary = {s["config"]: s for s in bench.summarize(runs)}
-    untuned = summary["untuned"]
-    assert untuned["ratio_to_limit"] == {"median": 0.3, "min": 0.2, "max": 0.4}
-    assert untuned["tok_s"]["median"] == 5.0 and untuned["runs"] == 3 and untuned["failed"] == 1
-    assert untuned["oom_kills"] == 2
-    assert summary["limit"]["ratio_to_limit"]["median"] == 1.0
+def run(scenario: str, rnd: int, config: str, value: float | None, **kw: object) -> dict[str, object]:
+    return {"scenario": scenario, "round": rnd, "config": config, "value": value, "tok_s": value, "oom_kills": 0,
+            **kw}
+
+
+def test_summary_ratios_are_paired_by_round_with_an_interval() -> None:
+    runs = []
+    for rnd, (limit, untuned, auto) in enumerate([(10.0, 2.0, 5.0), (20.0, 8.0, 16.0), (12.0, 4.0, 9.0)]):
+        runs += [run("heavy", rnd, "limit", limit), run("heavy", rnd, "untuned", untuned),
+                 run("heavy", rnd, "autoglm-tune", auto)]
+    runs.append(run("heavy", 3, "untuned", 1.0, oom_kills=1))  # a failure: counted, not in the ratios
+    summary = bench.summarize(runs)
+    rows = {r["config"]: r for r in summary["rows"]}
+    vs = rows["autoglm-tune"]["vs"]["untuned"]
+    # per-round ratios 2.5, 2, 2.25: geometric mean 2.241, t(2) interval on the logs
+    assert vs["n"] == 3 and vs["ratio"] == pytest.approx(2.241, abs=0.001)
+    assert vs["low"] == pytest.approx(1.698, abs=0.002) and vs["high"] == pytest.approx(2.957, abs=0.002)
+    assert rows["untuned"]["failed"]["count"] == 1 and rows["untuned"]["runs"] == 4
+    assert rows["untuned"]["oom_rate"]["k"] == 1 and rows["untuned"]["value"]["median"] == 4.0
+    assert rows["untuned"]["collapse_rate"]["k"] == 3  # 2 of 10, 8 of 20, 4 of 12: all below half the limit
+    heavy = next(t for t in summary["targets"] if t["versus"] == "untuned" and t["what"] == "value")
+    assert heavy["target"] == 2.0 and heavy["holds"] is False  # the estimate clears 2, its lower bound does not
+
+
+def test_a_target_holds_only_when_the_lower_bound_clears_it() -> None:
+    runs = []
+    for rnd, ratio in enumerate([3.0, 3.1, 2.9, 3.05, 2.95]):
+        runs += [run("heavy", rnd, "untuned", 1.0), run("heavy", rnd, "autoglm-tune", ratio)]
+    target = next(t for t in bench.summarize(runs)["targets"] if t["versus"] == "untuned" and t["what"] == "value")
+    assert target["holds"] is True and target["interval"]["low"] >= 2.0
+    one = [run("heavy", 0, "untuned", 1.0), run("heavy", 0, "autoglm-tune", 9.0)]
+    assert next(t for t in bench.summarize(one)["targets"] if t["what"] == "value")["holds"] is None
+
+
+def test_t_quantiles_and_wilson_intervals() -> None:
+    assert stats.t975(1) == 12.706 and stats.t975(19) == 2.093 and stats.t975(35) == 2.042
+    assert stats.t975(10_000) == pytest.approx(1.96, abs=0.001)
+    zero = stats.wilson(0, 5)
+    assert zero["rate"] == 0 and zero["low"] == 0 and zero["high"] == pytest.approx(0.434, abs=0.001)
+    assert stats.wilson(0, 20)["high"] == pytest.approx(0.161, abs=0.001)
+    assert stats.paired_ratio([(2.0, 1.0)]) == {"n": 1, "ratio": 2.0, "low": None, "high": None}
+    assert stats.histogram_percentile([90, 9, 1], 99, 1.0) == 2.0 and stats.histogram_percentile([0], 99, 1) is None
+
+
+def test_primary_figure_and_failures_per_scenario() -> None:
+    s = bench.SCENARIOS
+    assert bench.primary(s["heavy"], {"tok_s": 3.0}) == 3.0
+    assert bench.primary(s["cold"], {"ttft_s": 1.0, "load_s": 3.0}) == 0.25  # from the start to the first token
+    assert bench.primary(s["prompt"], {"ttft_s": 2.0, "load_s": 30.0}) == 0.5
+    assert bench.failed({"value": 1.0, "oom_kills": 1}) == "1 OOM kill(s)"
+    assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": False}) == "the desktop died"
+    assert bench.failed({"value": None, "error": "timeout"}) == "timeout"
+    assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": True}) is None
+
+
+def test_desktop_window_is_the_difference_of_two_snapshots() -> None:
+    before = {"ops": 100, "frames": 10, "hist": [5, 5, 0, 0], "alive": [True, True]}
+    after = {"ops": 700, "frames": 110, "hist": [80, 25, 0, 5], "alive": [True, True]}
+    w = bench.desktop_window(before, after, 2.0)
+    assert w["ops_s"] == 300.0 and w["frames"] == 100 and w["frame_p99_ms"] == 4.0
+    assert w["hist"] == {"0": 75, "1": 20, "3": 5} and w["alive"] is True
+    assert bench.desktop_window(before, {**after, "alive": [True, False]}, 2.0)["alive"] is False
+
+
+def test_policy_variants_override_the_users_policy_without_changing_it() -> None:
+    base = {"process": {"nice": -5, "threads": 2}, "vm": {"swappiness": 30}}
+    variant = bench.policy_variant(base, bench.CONFIGS_BY_NAME["no-nice"])
+    assert variant == {"process": {"nice": 0, "threads": 2}, "vm": {"swappiness": 30}}
+    assert base["process"]["nice"] == -5
+    assert bench.policy_variant({}, bench.CONFIGS_BY_NAME["zswap-on"]) == {"zswap": {"enabled": True}}
+    assert bench.policy_variant(base, bench.CONFIGS_BY_NAME["kernel-only"]) == base
+    for config in bench.CONFIG_LIST:  # every override is a key the policy schema knows
+        for section, key, _ in config.overrides:
+            assert key in policy.SCHEMA[section], (config.name, section, key)
+
+
+def test_emulated_watermarks_follow_the_kernels_formula() -> None:
+    marks = bench.emulated_watermarks(8192, 24576, 10)
+    assert marks == {"vm.min_free_kbytes": str(math.isqrt(8192 * 1024 * 16)), "vm.watermark_scale_factor": "3"}
+    assert bench.emulated_watermarks(256, 24576, 10)["vm.watermark_scale_factor"] == "1"
+
+
+def test_hand_tune_adds_one_flag_and_the_thread_count() -> None:
+    b = object.__new__(bench.Bench)
+    b.opts, b.server_bin, b.python = opts(server="llama-server"), Path("/x/llama-server"), Path("/v/python")
+    b.model, b.flags = bench.Model(Path("/m.gguf"), 100), frozenset({"--load-mode"})
+    plain = b.server_argv(8080, bench.CONFIGS_BY_NAME["untuned"])
+    hand = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-tune"])
+    assert "--threads" not in plain and "--prio" not in plain and "--no-mmap" not in plain  # the server's defaults
+    cores = str(bench.physical_cores())
+    assert hand == [*plain, "--threads", cores, "--threads-batch", cores, "--prio", "2"]
+    b.opts = opts(server="llama-server", mmap=False)
+    assert b.server_argv(8080, bench.CONFIGS_BY_NAME["untuned"])[-2:] == ["--load-mode", "none"]
+    b.opts = opts(server="llama-cpp-python", mmap=False)
+    hand = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-tune"])
+    assert hand[:3] == ["nice", "-n", "-10"] and hand[-2:] == ["--use_mmap", "false"]
 
 
 @pytest.mark.parametrize(
@@ -77,20 +161,23 @@ def test_bad_lists_name_the_flag_and_the_allowed_values(flag: str, value: str, a
     assert text.startswith(flag) and "allowed:" in text and all(a in text for a in allowed) and "\n" not in text
 
 
-def test_markdown_names_machine_command_and_preliminary() -> None:
-    runs = [{"scenario": "cpu", "round": 0, "config": c, "tok_s": t, "oom_kills": 0}
-            for c, t in (("limit", 10.0), ("untuned", 5.0))]
+def test_markdown_names_machine_command_targets_and_preliminary() -> None:
+    runs = [run("cpu", r, c, t * (1 + r / 10)) for r in range(3) for c, t in (("untuned", 5.0), ("autoglm-tune", 9.0))]
+    runs += [run("heavy", 0, "autoglm-tune", 1.0), run("heavy", 0, "untuned", 0.4, oom_kills=2)]
     doc = {
         "preliminary": "shared machine", "time": "2026-11-26 15:00 UTC", "command": "autoglm-tune bench --rounds 1",
         "machine": {"cpu": "Test CPU", "cpus": 2, "mem_total_mib": 4096, "kernel": "6.1", "cgroup_memory": "v2"},
-        "model": {"name": "m.gguf", "size_mib": 10}, "options": {"tokens": 8, "context": 512, "scenarios": ["cpu"],
-                                                                 "configs": ["limit", "untuned"]},
+        "model": {"name": "m.gguf", "size_mib": 10},
+        "options": {"tokens": 8, "context": 512, "scenarios": ["cpu", "heavy"], "configs": ["untuned", "autoglm-tune"],
+                    "server": "llama-server", "mmap": True},
         "emulation": None, "notes": ["tuned: not installed"], "summary": bench.summarize(runs),
     }
     text = bench.markdown(doc)
     assert "**Preliminary, noisy:** shared machine" in text
     assert "`autoglm-tune bench --rounds 1`" in text and "Test CPU, 2 CPUs, 4096 MiB" in text
-    assert "| cpu | untuned | 1 (0) | 5.0 [5.0–5.0] | 0.50 [0.50–0.50] |" in text
+    assert "| autoglm-tune | 3 (0) | 9.90 [9.00–10.80] | 1.80 [1.80–1.80] |" in text
+    assert "| untuned | 1 (1) |" in text and "| 1/1 [" in text  # the OOM-killed run is a failure, with its rate
+    assert "| heavy | autoglm-tune ÷ untuned | ≥ 2.0 | – | undecided (too few rounds) |" in text
     assert "not run: tuned: not installed" in text
 
 

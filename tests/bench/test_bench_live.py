@@ -1,7 +1,9 @@
-"""`autoglm-tune bench` for real: a tiny llama.cpp model, one round, the configurations that touch the machine
-(hugetlb reservation, the recipe's sysctls and zswap, the plan applied and rolled back through the root helper,
-the model started by `autoglm-tune launch`), and the check that every setting is back afterwards — also after a
-SIGTERM in the middle of a run. Performance figures are never asserted, only that they were measured."""
+"""`autoglm-tune bench` for real: a tiny llama.cpp model served by llama.cpp's own llama-server (and once by
+llama-cpp-python), one round, the configurations that touch the machine (hugetlb reservation with the emulated
+box's watermarks, the recipe's sysctls and zswap, the one-flag hand-tune, the plan applied and rolled back
+through the root helper, the model started by `autoglm-tune launch`, one ablation), the desktop of several
+processes with its own progress, and the check that every setting is back afterwards — also after a SIGTERM in
+the middle of a run. Performance figures are never asserted, only that they were measured."""
 
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ def total_mib() -> int:
     return bench.meminfo()["MemTotal"] // 1024
 
 
-def bench_argv(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+def bench_argv(model: Path, tmp_path: Path, server: Path, *extra: str) -> list[str]:
     return [CLI, "bench", "--model", str(model), "--rounds", "1", "--tokens", "8", "--context", "512",
-            "--ram-mib", str(total_mib() - 512), "--desktop-mib", "64", "--work", str(tmp_path / "work"),
-            "--out", str(tmp_path / "out"), *extra]
+            "--ram-mib", str(total_mib() - 512), "--desktop-mib", "64", "--file-mib", "16",
+            "--server-bin", str(server), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *extra]
 
 
 def env_with(address: str) -> dict[str, str]:
@@ -49,14 +51,17 @@ def env_with(address: str) -> dict[str, str]:
     return env | {"DBUS_SYSTEM_BUS_ADDRESS": address}
 
 
+SMOKE_CONFIGS = ("limit", "untuned", "hand-tune", "recipe-literal", "autoglm-tune", "no-nice")
+
+
 def test_smoke_run_measures_applies_and_restores_everything(
-    tiny_model: Path, bus_address: str, tmp_path: Path
+    tiny_model: Path, llama_server: Path, bus_address: str, tmp_path: Path
 ) -> None:
     before = machine(tiny_model)
     docs = tmp_path / "BENCHMARKS.md"
-    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "limit,untuned,recipe,autoglm-tune",
+    argv = bench_argv(tiny_model, tmp_path, llama_server, "--scenario", "mild", "--config", ",".join(SMOKE_CONFIGS),
                       "--docs", str(docs), "--preliminary", "CI smoke run")
-    done = subprocess.run(argv, capture_output=True, text=True, env=env_with(bus_address), timeout=600)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env_with(bus_address), timeout=900)
     after = machine(tiny_model)
     assert done.returncode == 0, done.stderr
     assert after == before, "the bench left the machine changed"
@@ -64,20 +69,36 @@ def test_smoke_run_measures_applies_and_restores_everything(
 
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     runs = {r["config"]: r for r in doc["runs"]}
-    assert set(runs) == {"limit", "untuned", "recipe", "autoglm-tune"}
+    assert set(runs) == set(SMOKE_CONFIGS) and doc["options"]["server"] == "llama-server"
     for config, r in runs.items():
-        assert r["ok"], (config, r.get("error"))
+        assert bench.failed(r) is None, (config, r.get("error"))
         assert r["tokens"] == 8 and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
-        assert r["oom_kills"] == 0 and r["desktop_alive"] is True
-        assert r["desktop_thp_mib"] == 0, "the desktop must age page by page, not in 2 MiB huge pages"
-    # the RAM cap and the settings were live while the capped runs measured
+        assert r["value"] == r["tok_s"] and len(r["gaps_ms"]) == 7
+        assert r["probe"]["memcpy_gbs"] > 0 and r["probe"]["tiny_tok_s"] > 0  # the calibration probe ran
+        assert r["counters"]["pgscan"] >= 0 and "psi_memory_some_ms" in r["counters"]
+        if config == "limit":
+            assert r.get("desktop") is None and r["desktop_alive"] is None  # no desktop: the hardware's best
+            continue
+        assert r["desktop_alive"] is True and r["desktop"]["ops_s"] > 0 and r["desktop"]["frames"] > 0
+        assert r["desktop"]["frame_p99_ms"] >= 1
+        assert r["counters"]["desktop_thp_mib"] == 0, "the desktop must age page by page, not in 2 MiB pages"
+    # the RAM cap, the emulated box's watermarks and the settings were live while the capped runs measured
     seen = {config: r["settings"] for config, r in runs.items()}
     assert runs["limit"].get("hugepages") is None and seen["limit"]["vm.nr_hugepages"] == "0"
-    for config in ("untuned", "recipe", "autoglm-tune"):
+    for config in SMOKE_CONFIGS[1:]:
         assert runs[config]["hugepages"] > 0 and seen[config]["vm.nr_hugepages"] == str(runs[config]["hugepages"])
+        want = bench.emulated_watermarks(total_mib() - 512, total_mib(),
+                                         int(before["settings"]["vm.watermark_scale_factor"]))
+        assert {k: seen[config][k] for k in want} == want
     assert seen["untuned"]["vm.swappiness"] == before["settings"]["vm.swappiness"]
-    assert (seen["recipe"]["vm.swappiness"], seen["recipe"]["vm.vfs_cache_pressure"]) == ("20", "50")
-    assert seen["recipe"]["zswap.enabled"] == "Y"
+    literal = seen["recipe-literal"]
+    assert (literal["vm.swappiness"], literal["vm.vfs_cache_pressure"]) == ("20", "50")
+    assert literal["zswap.enabled"] == "Y" and literal["zswap.max_pool_percent"] == "536870912"
+    # the one flag: llama-server --prio 2 is nice -10; an ablation without it runs at nice 0
+    assert runs["untuned"]["nice"] == 0 and runs["hand-tune"]["nice"] == -10
+    assert runs["autoglm-tune"]["nice"] == -10 and runs["no-nice"]["nice"] == 0
+    # launch as root may lock the weights: the preset renders --load-mode for this build (it has no --mlock)
+    assert runs["autoglm-tune"]["vm_locked_kib"] > 0 and runs["untuned"]["vm_locked_kib"] == 0
     # without systemd on cgroup v2 the model cannot be kept out of zswap, so the planner leaves zswap off
     assert seen["autoglm-tune"]["zswap.enabled"] == before["settings"]["zswap.enabled"] == "N"
     if Path("/sys/fs/cgroup/memory/memory.swappiness").exists():  # cgroup v1: its own memory cgroup, swappiness 0
@@ -85,17 +106,21 @@ def test_smoke_run_measures_applies_and_restores_everything(
         assert tuned_run["memory_cgroup"].rsplit("/", 1)[1].startswith("autoglm-model-"), tuned_run["memory_cgroup"]
         assert tuned_run["memcg_swappiness"] == 0 and runs["untuned"]["memcg_swappiness"] != 0
     assert doc["restored"]["problems"] == [] and doc["interrupted"] is None
+    assert doc["swap_latency"]["read_p50_us"] > 0 and doc["zoneinfo"]
 
     text = docs.read_text()
     assert text == bench.splice(None, (tmp_path / "out" / "BENCHMARKS.md").read_text())
-    assert "**Preliminary, noisy:** CI smoke run" in text and "| mild | autoglm-tune | 1 (0) |" in text
-    assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "**Preliminary, noisy:** CI smoke run" in text and "| autoglm-tune | 1 (0) |" in text
+    assert "| mild | autoglm-tune ÷ untuned | ≥ 0.95 |" in text
+    assert (tmp_path / "out" / "bench-mild.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sigterm_mid_run_restores_everything(tiny_model: Path, bus_address: str, tmp_path: Path) -> None:
+def test_sigterm_mid_run_restores_everything(
+    tiny_model: Path, llama_server: Path, bus_address: str, tmp_path: Path
+) -> None:
     before = machine(tiny_model)
-    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "recipe,autoglm-tune",
-                      "--tokens", "200")
+    argv = bench_argv(tiny_model, tmp_path, llama_server, "--scenario", "mild", "--config",
+                      "recipe-512mb,autoglm-tune", "--tokens", "400")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env_with(bus_address))
     try:
@@ -122,16 +147,21 @@ def test_sigterm_mid_run_restores_everything(tiny_model: Path, bus_address: str,
     assert not list((tmp_path / "work").glob("*.swap"))
 
 
-def test_cgroup_fallback_caps_the_workload_instead(tiny_model: Path, bus_address: str, tmp_path: Path) -> None:
+def test_cgroup_fallback_caps_the_workload_instead(
+    tiny_model: Path, llama_server: Path, bus_address: str, tmp_path: Path
+) -> None:
+    """Also the other server: llama-cpp-python's, with --no-mmap as the named variant."""
     before = machine(tiny_model)
     ram = total_mib() - 512
-    argv = bench_argv(tiny_model, tmp_path, "--scenario", "mild", "--config", "untuned", "--emulate", "cgroup")
+    argv = bench_argv(tiny_model, tmp_path, llama_server, "--scenario", "mild", "--config", "untuned",
+                      "--emulate", "cgroup", "--server", "llama-cpp-python", "--no-mmap")
     done = subprocess.run(argv, capture_output=True, text=True, env=env_with(bus_address), timeout=600)
     assert done.returncode == 0, done.stderr
     assert machine(tiny_model) == before
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     (run,) = doc["runs"]
-    assert run["ok"] and run["settings"]["vm.nr_hugepages"] == "0" and "hugepages" not in run
+    assert bench.failed(run) is None and run["settings"]["vm.nr_hugepages"] == "0" and "hugepages" not in run
+    assert doc["options"]["server"] == "llama-cpp-python" and doc["options"]["mmap"] is False
     assert run["cgroup_limit_mib"] == ram and doc["emulation"]["how"] == "cgroup"
 
 
@@ -145,6 +175,9 @@ def test_cgroup_fallback_caps_the_workload_instead(tiny_model: Path, bus_address
         (["--rounds", "0"], "--rounds"),
         (["--ram-mib", "64"], "--ram-mib"),
         (["--emulate", "zram"], "--emulate"),
+        (["--server", "vllm"], "--server"),
+        (["--server-bin", "/nonexistent/llama-server"], "--server-bin"),
+        (["--prompt-tokens", "3"], "--prompt-tokens"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(args: list[str], flag: str, root: None) -> None:
