@@ -1188,8 +1188,8 @@ class Bench:
             result["vm_locked_kib"] = int(status["VmLck"].split()[0])
             result["memory_cgroup"], result["memcg_swappiness"] = memory_cgroup_of(pid)
             result["settings"] = read_settings(self.g.paths)  # as they were while it ran
-            if scenario.idle_first:  # loaded and warmed, then left while the desktop works
-                self.request(port, self.prompt, 8)
+            if scenario.idle_first:  # loaded and warmed, then left while the desktop works; another prompt
+                self.request(port, "Hello there.", 8)  # afterwards, so that the server's prompt cache cannot help
                 time.sleep(self.opts.idle_s)
             prompt = self.long_prompt if scenario.measure == "prompt" else self.prompt
             tokens = 8 if scenario.measure in ("prompt", "cold") else self.opts.tokens
