@@ -393,6 +393,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"MiB); server {o['server']} ({'mmap' if o['mmap'] else '--no-mmap'}), context {o['context']}, "
         f"{o['tokens']} tokens generated per request.",
         "",
+        *[f"Beside the bench, DAMON ({d['operations']}) runs `{d['action']}` on regions not accessed for "
+          f"{d['min_age_intervals']} intervals, up to {d['quota_bytes_per_s'] // MIB} MiB/s, filters: "
+          f"{', '.join(d['filters']) or 'none'} (set up by the machine, not by the bench).\n"
+          for d in m.get("damon", [])],
         "Emulated RAM: "
         + (EMULATION_TEXT[doc["emulation"]["how"]].format(**doc["emulation"]) if doc["emulation"] else "none"),
         "",
@@ -694,6 +698,30 @@ def physical_cores() -> int:
     return max(1, len(siblings))
 
 
+DAMON_ADMIN = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+def damon_schemes() -> list[dict[str, Any]]:
+    """Proactive reclaim that runs beside the bench: DAMON schemes of kdamonds that are on (a VM host may set one
+    up: the CI VM pages out cold unmapped page cache). Each as its action, access pattern and filters."""
+    out = []
+    for scheme in sorted(DAMON_ADMIN.glob("*/contexts/*/schemes/[0-9]*")):
+        with contextlib.suppress(OSError, ValueError):
+            if _read(scheme.parents[3] / "state") != "on":
+                continue
+            filters = [f"{'allow' if _read(f / 'allow') == 'Y' else 'reject'} {_read(f / 'type')}"
+                       for f in sorted((scheme / "ops_filters").glob("[0-9]*"))]
+            out.append({
+                "operations": _read(scheme.parents[1] / "operations"),
+                "action": _read(scheme / "action"),
+                "min_age_intervals": int(_read(scheme / "access_pattern" / "age" / "min")),
+                "max_accesses": int(_read(scheme / "access_pattern" / "nr_accesses" / "max")),
+                "quota_bytes_per_s": int(_read(scheme / "quotas" / "bytes")),
+                "filters": filters,
+            })
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -708,6 +736,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": os.uname().release,
         "cgroup_memory": cgroup,
         "hostname": os.uname().nodename,
+        "damon": damon_schemes(),
     }
 
 
