@@ -244,7 +244,10 @@ def primary(scenario: Scenario, run: dict[str, Any]) -> float | None:
 
 
 def failed(run: dict[str, Any]) -> str | None:
-    """Why a run counts as failed (None: it did not): no figure, the model or the desktop OOM-killed."""
+    """Why a run counts as failed (None: it did not): another process disturbed it, no figure, the model or the
+    desktop OOM-killed."""
+    if run.get("interfered"):
+        return run["interfered"]
     if run.get("oom_kills"):
         return f"{run['oom_kills']} OOM kill(s)"
     if run.get("desktop_alive") is False:
@@ -1415,8 +1418,12 @@ def bench(
         for i, key in enumerate(keys):
             scenario = SCENARIOS[key.scenario]
             size = desktop_mib(scenario, available_mib, model.need_mib, opts.desktop_mib)
+            if str(swap) not in read_swaps():  # another process's clean-up turned it off: the box lost its swap
+                subprocess.run(["swapon", str(swap)], check=True, capture_output=True)
             result = b.run(key, size)
             result["desktop_mib"] = size
+            if str(swap) not in read_swaps():
+                result["interfered"] = "another process turned the bench's swap file off during the run"
             runs.append(result)
             why = failed(result)
             tok = f"{result['value']:.3g}" + (f" (failed: {why})" if why else "") if result.get("value") else \

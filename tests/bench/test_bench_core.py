@@ -105,6 +105,7 @@ def test_primary_figure_and_failures_per_scenario() -> None:
     assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": False}) == "the desktop died"
     assert bench.failed({"value": None, "error": "timeout"}) == "timeout"
     assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": True}) is None
+    assert bench.failed({"value": 1.0, "interfered": "swap turned off"}) == "swap turned off"
 
 
 def test_desktop_window_is_the_difference_of_two_snapshots() -> None:
