@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -175,9 +176,12 @@ UNIT_TARGET_STATES = ("disabled", "masked")
 UNIT_SUFFIXES = ("service", "socket", "timer", "path", "mount", "automount", "swap", "target")
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(" + "|".join(UNIT_SUFFIXES) + ")")
 
-# Units that are never stopped, disabled or masked, whatever a policy or a plan says.
+# Units that are never stopped, disabled or masked, whatever a policy or a plan says. The helper checks every name
+# systemd would act on, not only the name sent: the unit's id, its aliases (Names, and the alias symlinks in the
+# unit search path) and every unit a stop in mode "replace" takes down with it (units.py).
 NEVER_TOUCH_UNITS: tuple[str, ...] = (
     "ssh.*",
+    "ssh@*",
     "sshd.*",
     "sshd@*",
     "openssh*",
@@ -185,21 +189,44 @@ NEVER_TOUCH_UNITS: tuple[str, ...] = (
     "dbus-*",
     "dbus@*",
     "systemd-*",
+    "procps.service",  # Debian's alias of systemd-sysctl.service
+    "kmod.service",  # Debian's alias of systemd-modules-load.service
     "networking.service",
     "network*.service",
+    "ifup@*",
+    "ifupdown*",
     "NetworkManager*",
     "wpa_supplicant*",
     "iwd.service",
+    "nftables.service",
+    "ufw.service",
+    "firewalld.service",
+    "iptables.service",
+    "ip6tables.service",
+    "netfilter-persistent.service",
+    "apparmor.service",
+    "auditd.service",
+    "audit-rules.service",
     "display-manager.service",
     "gdm*.service",
     "lightdm.service",
     "sddm.service",
     "polkit.service",
     "autoglm-tune*",
-    "getty@*",
+    "getty*",
+    "autovt@*",
     "serial-getty@*",
+    "container-getty@*",
+    "console-getty.service",
+    "user@*",
+    "user-runtime-dir@*",
     "*.target",
 )
+# The kinds of unit that may be changed at all (an allowlist: mounts, swaps, automounts, targets, slices, scopes and
+# devices are never stopped, disabled or masked), and only plain units: an instance of a template (getty@tty1,
+# ssh@<connection>, user@<uid>, ifup@<interface>, container-getty@…) is a login, a session or a device of someone
+# else's, so no instance is ever changed, whichever template it comes from.
+CHANGEABLE_UNIT_KINDS = ("service", "socket", "timer", "path")
 
 
 def check_unit_name(name: object) -> str:
@@ -212,8 +239,38 @@ def check_unit_name(name: object) -> str:
     return name
 
 
+def never_touch_rule(name: str, extra_patterns: tuple[str, ...] = ()) -> str | None:
+    """The rule that keeps the unit `name` from being changed (a never-touch pattern, or the allowlist of kinds),
+    or None when it may be changed."""
+    if name.rpartition(".")[2] not in CHANGEABLE_UNIT_KINDS:
+        return "only " + ", ".join("." + k for k in CHANGEABLE_UNIT_KINDS) + " units may be changed"
+    if "@" in name:
+        return "no instance of a template is changed"
+    return next((f"matches {p}" for p in (*NEVER_TOUCH_UNITS, *extra_patterns) if fnmatch.fnmatchcase(name, p)),
+                None)
+
+
 def is_never_touch(name: str, extra_patterns: tuple[str, ...] = ()) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in (*NEVER_TOUCH_UNITS, *extra_patterns))
+    return never_touch_rule(name, extra_patterns) is not None
+
+
+NEVER_TOUCH_ALLOWED = ("a plain " + "/".join(CHANGEABLE_UNIT_KINDS) + " unit whose names and the units stopped with "
+                       "it match none of " + " ".join(NEVER_TOUCH_UNITS))
+
+
+def check_unit_closure(unit: str, related: Iterable[tuple[str, str]], where: str) -> None:
+    """Refuse `unit` when any name systemd would act on for it is never-touch. `related` yields (name, why) pairs:
+    the unit's own names, its aliases and the units stopped with it, each with a phrase saying how it is reached
+    (e.g. ("networking.service", "networking.service Requires ifupdown-pre.service")); the unit itself is checked
+    first. Raises CatalogueError on `{where}.unit`, naming the name, how it was reached and the rule it hit."""
+    rule = never_touch_rule(unit)
+    if rule is not None:
+        raise CatalogueError(f"{where}.unit", f"{unit} is on the never-touch list ({rule})", NEVER_TOUCH_ALLOWED)
+    for name, why in related:
+        rule = never_touch_rule(name)
+        if rule is not None:
+            raise CatalogueError(f"{where}.unit", f"{unit} reaches {name} ({why}), which is on the never-touch list "
+                                 f"({rule})", NEVER_TOUCH_ALLOWED)
 
 
 # ---- the inference process -----------------------------------------------------------------

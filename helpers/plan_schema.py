@@ -123,9 +123,8 @@ def change_from_dict(obj: object, where: str = "changes[?]") -> Change:
             fields["unit"] = catalogue.check_unit_name(_require(obj, "unit", where))
         except CatalogueError as exc:  # name the change's field
             raise CatalogueError(f"{where}.unit", exc.problem, exc.allowed) from None
-        if catalogue.is_never_touch(fields["unit"]):  # whatever a policy or a plan says
-            raise CatalogueError(f"{where}.unit", f"{fields['unit']} is on the never-touch list",
-                                 "a unit matching none of " + " ".join(catalogue.NEVER_TOUCH_UNITS))
+        # the name as sent, whatever a policy or a plan says (the helper checks what systemd resolves it to as well)
+        catalogue.check_unit_closure(fields["unit"], (), where)
         if target not in catalogue.UNIT_TARGET_STATES:
             raise CatalogueError(
                 f"{where}.target", f"{target!r} is not a unit target state", " or ".join(catalogue.UNIT_TARGET_STATES)

@@ -9,6 +9,17 @@ A unit step (a dict in the undo journal) carries, besides knob/subject/old/targe
 The engine runs in a worker thread; every call here is sent on the helper's own bus connection through
 its event loop and waited for. Unit-file changes are made by systemd itself; the helper writes only the
 symlinks a restore has to put back (in /etc/systemd/system or /run/systemd/system).
+
+Never-touch is decided on what systemd acts on, not on the name sent (`check`, in a dry-run too): StopUnit,
+DisableUnitFiles and MaskUnitFiles resolve aliases, and a stop in mode "replace" also stops every unit that
+Requires, Requisite=s or BindsTo the unit, or is PartOf it, and so on down the chain. So before any change the
+unit is loaded (LoadUnit) and its Id and Names are read, the alias symlinks of each name in the unit search path
+(UnitPath) are followed (a masked target loads as the alias alone, e.g. procps.service while systemd-sysctl is
+masked), and the reverse dependencies RequiredBy, RequisiteOf, BoundBy and ConsistsOf are walked to the end
+(at most MAX_RELATED units; more is refused). Every name reached must pass `catalogue.never_touch_rule`, which
+also allows only plain .service/.socket/.timer/.path units (no template instances): a unit whose stop would take
+down networking.service, a mount or a target is refused like networking.service itself. Reverse dependencies are
+those of loaded units: a unit file that is not loaded and requires ours is not seen (it is not running either).
 """
 
 from __future__ import annotations
@@ -16,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from . import catalogue
 from .catalogue import CatalogueError
 
 Step = dict[str, Any]
@@ -33,6 +46,59 @@ LINK_DIRS = ("/etc/systemd/system/", "/run/systemd/system/")  # where restored s
 DISABLE_FROM = ("enabled", "enabled-runtime", "disabled")
 MASK_FROM = (*DISABLE_FROM, "static", "indirect", "alias", "masked", "masked-runtime")
 RUNNING = ("active", "activating", "reloading")
+# What a stop in mode "replace" propagates to (the unit property naming the others → how they depend on this one).
+STOPPED_WITH = {"RequiredBy": "Requires", "RequisiteOf": "is Requisite= of", "BoundBy": "BindsTo",
+                "ConsistsOf": "is PartOf"}
+MAX_RELATED = 256  # names reached from one unit before it is refused
+MAX_ALIAS_HOPS = 8
+
+
+def alias_targets(name: str, unit_path: list[str]) -> list[str]:
+    """The unit names the alias symlinks for `name` in the unit search path lead to (each hop), as systemd's
+    unit-file operations resolve them; /dev/null (a mask) ends a chain."""
+    out: list[str] = []
+    for directory in unit_path:
+        path = os.path.join(directory, name)
+        for _ in range(MAX_ALIAS_HOPS):
+            if not os.path.islink(path):
+                break
+            dest = os.readlink(path)
+            if dest == "/dev/null":
+                break
+            base = os.path.basename(dest)
+            if base != name and base not in out:
+                out.append(base)
+            path = os.path.join(os.path.dirname(path), dest)
+    return out
+
+
+UnitInfo = dict[str, Any]  # what systemd says about one unit: Id, Names and the STOPPED_WITH properties
+
+
+def related_units(unit: str, lookup: Callable[[str], UnitInfo], aliases: Callable[[str], list[str]],
+                  where: str = "changes[?]") -> Iterator[tuple[str, str]]:
+    """Every other name systemd acts on when `unit` is stopped, disabled or masked, as (name, why) — breadth
+    first: its id and names, alias symlink targets, and (for each of those, transitively) what a stop takes down.
+    CatalogueError beyond MAX_RELATED names (refused rather than checked in part)."""
+    seen = {unit}
+    queue: list[tuple[str, str]] = [(unit, "")]
+    while queue:
+        name, why = queue.pop(0)
+        info = lookup(name)
+        chain = f", and {why}" if why else ""
+        found = [(str(n), f"a name of {name}{chain}") for n in (info.get("Id", ""), *info.get("Names", ())) if n]
+        found += [(n, f"{name} is an alias of it{chain}") for n in aliases(name)]
+        for prop, verb in STOPPED_WITH.items():
+            found += [(str(n), f"{n} {verb} {name}{chain}") for n in info.get(prop, ())]
+        for other, how in found:
+            if other in seen:
+                continue
+            seen.add(other)
+            if len(seen) > MAX_RELATED:
+                raise CatalogueError(f"{where}.unit", f"{unit} reaches more than {MAX_RELATED} units through its "
+                                     "names and dependents", catalogue.NEVER_TOUCH_ALLOWED)
+            yield other, how
+            queue.append((other, how))
 
 
 class Systemd:
@@ -54,6 +120,25 @@ class Systemd:
         if reply.message_type == MessageType.ERROR:
             raise OSError(f"systemd {member}{tuple(args)!r}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
         return list(reply.body)
+
+    def unit_info(self, unit: str) -> UnitInfo:
+        """LoadUnit (follows aliases to the unit they name), then the Unit interface's Id, Names and the
+        properties naming what a stop takes down with it."""
+        path = self.manager("LoadUnit", "s", unit)[0]
+        reply = self._call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", ["org.freedesktop.systemd1.Unit"])
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd {unit} properties: {reply.error_name}")
+        return {k: v.value if isinstance(v, Variant) else v for k, v in reply.body[0].items()
+                if k in ("Id", "Names", *STOPPED_WITH)}
+
+    def check_never_touch(self, unit: str, where: str) -> None:
+        """Refuse `unit` when a name systemd would act on for it is never-touch (CatalogueError, as the schema)."""
+        reply = self._call(MANAGER[0], "org.freedesktop.DBus.Properties", "Get", "ss", [MANAGER[1], "UnitPath"])
+        if reply.message_type == MessageType.ERROR:
+            raise OSError(f"systemd UnitPath: {reply.error_name}")
+        unit_path = [str(d) for d in reply.body[0].value]
+        related = related_units(unit, self.unit_info, lambda n: alias_targets(n, unit_path), where)
+        catalogue.check_unit_closure(unit, related, where)
 
     def unit_property(self, unit: str, iface: str, prop: str) -> Any:
         path = self.manager("LoadUnit", "s", unit)[0]
@@ -105,9 +190,10 @@ class Systemd:
     # ---- the knob interface the engine uses (like knobs.py) -----------------------------
 
     def check(self, step: Step, where: str) -> None:
-        """Refuse missing units and states the target cannot come from; record the exact prior state.
-        (Never-touch units are refused earlier, by the plan schema.)"""
+        """Refuse never-touch units by what systemd resolves them to (the plan schema refused the name as sent),
+        missing units and states the target cannot come from; record the exact prior state."""
         unit, target = step["unit"], step["target"]
+        self.check_never_touch(unit, where)
         state = self.file_state(unit)
         if state is None:
             raise CatalogueError(f"{where}.unit", f"{unit} is not installed", "a unit with a unit file on this machine")

@@ -261,8 +261,9 @@ def _units(b: _Builder, policy: Policy) -> None:
         state = states.get(name)
         if state is None:
             continue
-        if catalogue.is_never_touch(name, services["never_touch"]):
-            b.notes.append(f"{name} left alone: it is on the never-touch list")
+        rule = catalogue.never_touch_rule(name, services["never_touch"])
+        if rule is not None:
+            b.notes.append(f"{name} left alone: it is on the never-touch list ({rule})")
             continue
         target = "masked" if name in masked else "disabled"
         if target == "disabled" and state in ("static", "indirect", "generated", "transient", "alias"):

@@ -42,10 +42,28 @@ TEST_UNITS = {
     "agt-timer.timer": "[Timer]\nOnCalendar=daily\n[Install]\nWantedBy=timers.target\n",
     "agt-timer.service": "[Service]\nType=oneshot\nExecStart=/bin/true\n",
     "tuned.service": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n",
+    # Never-touch units with ordinary units under them (only for this container: the host has none of these).
+    # As Debian's networking.service Requires=ifupdown-pre.service; agt-ifpre in turn Requires agt-ifdeep.
+    "networking.service": "[Unit]\nRequires=agt-ifpre.service\nAfter=agt-ifpre.service\n"
+                          "[Service]\nExecStart=/bin/sleep infinity\n",
+    "agt-ifpre.service": "[Unit]\nRequires=agt-ifdeep.service\nAfter=agt-ifdeep.service\n"
+                         "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n",
+    "agt-ifdeep.service": "[Service]\nExecStart=/bin/sleep infinity\n",
+    "auditd.service": "[Unit]\nBindsTo=agt-bound.service\nAfter=agt-bound.service\n"
+                      "[Service]\nExecStart=/bin/sleep infinity\n",
+    "agt-bound.service": "[Service]\nExecStart=/bin/sleep infinity\n",
+    "apparmor.service": "[Unit]\nPartOf=agt-group.service\n[Service]\nExecStart=/bin/sleep infinity\n",
+    "agt-group.service": "[Service]\nExecStart=/bin/sleep infinity\n",
+    # a firewall with a vendor alias (Alias=, made by `systemctl enable`), as dbus-org.freedesktop.*.service
+    "nftables.service": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
+                        "Alias=agt-firewall.service\n",
 }
+NEVER_TOUCH_TEST_UNITS = ("networking.service", "auditd.service", "apparmor.service", "nftables.service")
 FAKE_TUNER = "/usr/sbin/tuned"  # what facts take as evidence that tuned is installed (its unit is above)
 ALIAS = "agt-alias.service"  # a vendor alias symlink to agt-aliased.service
 ETC_UNIT = "agt-etc.service"  # a unit file in /etc/systemd/system: cannot be masked
+# Aliases made by hand in /etc/systemd/system for Debian's own units and aliases (names not on the never-touch list)
+ETC_ALIASES = {"agt-kmod.service": "systemd-modules-load.service", "agt-procps.service": "procps.service"}
 
 class Client:
     """A synchronous D-Bus client with its own event loop."""
@@ -182,13 +200,37 @@ class Container:
 HOST_WRITERS = ("systemd-sysctl.service", "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
 
 
+REPO = Path(__file__).resolve().parents[2]
+VENV = "/opt/autoglm-venv"  # the test venv (tests/run), seen by the container through the overlay
+# The checkout's packages as pyproject.toml maps them, outermost first.
+PACKAGES = {"autoglm_helper": "helpers", "autoglm_tune": "tuner", "autoglm_tune/policies": "policies",
+            "autoglm_tune/systemd": "systemd"}
+
+
+def install_checkout(c: Container) -> None:
+    """Put the checkout's code into the container's copy of the test venv (the overlay: the host's venv is left
+    alone), so that the helper and the CLI inside run the code under test even when the venv was installed from
+    another checkout. An editable install already points at a checkout and is left as it is."""
+    sites = sorted(c.path(VENV).glob("lib/python3*/site-packages"))
+    if not sites or not (sites[0] / "autoglm_helper").is_dir():
+        return
+    for package, source in PACKAGES.items():
+        target = sites[0] / package
+        if "/" not in package:
+            shutil.rmtree(target)
+        shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+
+
 def prepare(c: Container) -> None:
+    install_checkout(c)
     for name in HOST_WRITERS:
         c.path(f"/etc/systemd/system/{name}").symlink_to("/dev/null")
     units = c.path("/usr/lib/systemd/system")
     for name, text in TEST_UNITS.items():
         (units / name).write_text(text)
     (units / ALIAS).symlink_to("agt-aliased.service")
+    for alias, unit in ETC_ALIASES.items():
+        c.path(f"/etc/systemd/system/{alias}").symlink_to(f"/usr/lib/systemd/system/{unit}")
     c.path(f"/etc/systemd/system/{ETC_UNIT}").write_text(TEST_UNITS["agt-static.service"])
     c.path(FAKE_TUNER).write_text("#!/bin/sh\n")
 
@@ -197,7 +239,7 @@ def start_units(c: Container) -> None:
     """States: enabled (+ a hand-made extra link), disabled, static, masked, runtime-masked, enabled-runtime."""
     c.run("systemctl", "daemon-reload")
     c.run("systemctl", "enable", "agt-enabled.service", "agt-handmade.service", "agt-aliased.service",
-          "agt-boot.service", "agt-timer.timer", "tuned.service")
+          "agt-boot.service", "agt-timer.timer", "tuned.service", "nftables.service")
     c.run("ln", "-sf", "/usr/lib/systemd/system/agt-handmade.service",
           "/etc/systemd/system/timers.target.wants/agt-handmade.service")
     c.run("systemctl", "enable", "--runtime", "agt-runtime.service")
@@ -205,7 +247,7 @@ def start_units(c: Container) -> None:
     c.run("systemctl", "mask", "--runtime", "agt-runmasked.service")
     c.run("systemctl", "start", "agt-enabled.service", "agt-handmade.service", "agt-disabled.service",
           "agt-static.service", "agt-runtime.service", "agt-aliased.service", "agt-boot.service",
-          "agt-timer.timer", "tuned.service", ETC_UNIT)
+          "agt-timer.timer", "tuned.service", ETC_UNIT, "agt-group.service", *NEVER_TOUCH_TEST_UNITS)
 
 
 # ---- calling the helper inside the container, and what a unit looks like ----------------------------
