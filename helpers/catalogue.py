@@ -22,12 +22,20 @@ Kind = Literal["int", "bool", "word"]
 Persistence = Literal["runtime", "persistent"]
 
 
+ECHO_CHARS = 200  # the most of a caller's value an error message repeats (and so the audit log keeps)
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text`, or its first `limit` characters with an ellipsis and the original length."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
 def _show(value: object) -> str:
-    """A value as JSON/TOML write it (true, "x", 3), for error messages."""
+    """A value as JSON/TOML write it (true, "x", 3), clipped, for error messages."""
     try:
-        return json.dumps(value)
+        return clip(json.dumps(value))
     except (TypeError, ValueError):
-        return repr(value)
+        return clip(repr(value))
 
 
 class CatalogueError(ValueError):

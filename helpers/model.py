@@ -32,6 +32,7 @@ from .catalogue import (
     MODEL_UNIT_PREFIX,
     SCHED_NUMBERS,
     SCHED_POLICIES,
+    clip,
 )
 from .transaction import HelperError
 from .units import RUNNING, Systemd
@@ -44,6 +45,11 @@ MEMCG_V1 = "/sys/fs/cgroup/memory"
 STOP_TIMEOUT_US = 10_000_000
 
 
+def _echo(value: object) -> str:
+    """A caller's value in an error message: as JSON, clipped (the audit log keeps every error)."""
+    return clip(json.dumps(value))
+
+
 def _bad(field: str, problem: str, allowed: str) -> HelperError:
     return HelperError("InvalidArgs", f"{field}: {problem}; allowed: {allowed}")
 
@@ -51,7 +57,7 @@ def _bad(field: str, problem: str, allowed: str) -> HelperError:
 def _int_in(body: dict[str, Any], key: str, bounds: tuple[int, int]) -> int:
     value = body[key]
     if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
-        raise _bad(key, f"{json.dumps(value)} is out of range", f"an integer {bounds[0]}–{bounds[1]}")
+        raise _bad(key, f"{_echo(value)} is out of range", f"an integer {bounds[0]}–{bounds[1]}")
     return value
 
 
@@ -65,7 +71,7 @@ def _object(text: str, keys: dict[str, bool], what: str) -> dict[str, Any]:
         raise _bad(what, "not a JSON object", "a JSON object")
     unknown = sorted(set(body) - set(keys))
     if unknown:
-        raise _bad(f"{what}.{unknown[0]}", "unknown key", ", ".join(keys))
+        raise _bad(f"{what}.{clip(unknown[0])}", "unknown key", ", ".join(keys))
     missing = [k for k, required in keys.items() if required and k not in body]
     if missing:
         raise _bad(f"{what}.{missing[0]}", "missing", ", ".join(keys))
@@ -285,10 +291,10 @@ def unit_request(text: str, cpu_count: int, mem_total: int) -> dict[str, Any]:
             or not all(isinstance(a, str) and "\0" not in a for a in argv)):
         raise _bad("argv", "not a list of strings", f"1–{MAX_ARGS} strings without NUL")
     if not argv[0].startswith("/"):
-        raise _bad("argv[0]", f"{json.dumps(argv[0])} is not an absolute path", "the program's absolute path")
+        raise _bad("argv[0]", f"{_echo(argv[0])} is not an absolute path", "the program's absolute path")
     cwd = body.get("working_directory", "/")
     if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
-        raise _bad("working_directory", f"{json.dumps(cwd)} is not an absolute path", "an absolute path")
+        raise _bad("working_directory", f"{_echo(cwd)} is not an absolute path", "an absolute path")
     env = body.get("environment", {})
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and ENV_NAME.fullmatch(k) and isinstance(v, str) and "\0" not in v
@@ -297,13 +303,13 @@ def unit_request(text: str, cpu_count: int, mem_total: int) -> dict[str, Any]:
     cpus = body["cpus"]
     if (not isinstance(cpus, list) or not cpus
             or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < cpu_count for c in cpus)):
-        raise _bad("cpus", f"{json.dumps(cpus)} is not a list of CPUs", f"CPU numbers 0–{cpu_count - 1}")
+        raise _bad("cpus", f"{_echo(cpus)} is not a list of CPUs", f"CPU numbers 0–{cpu_count - 1}")
     out: dict[str, Any] = {"argv": argv, "environment": env, "working_directory": cwd, "cpus": sorted(set(cpus)),
                            "port": _int_in(body, "port", (1, 65535))}
     for key, choices in (("sched_policy", SCHED_POLICIES), ("io_class", UNIT_IO_CLASSES)):
         if key in body:
             if body[key] not in choices:
-                raise _bad(key, f"{json.dumps(body[key])} is not allowed", ", ".join(choices))
+                raise _bad(key, f"{_echo(body[key])} is not allowed", ", ".join(choices))
             out[key] = body[key]
     for key, bounds in (("nice", MODEL_NICE_RANGE), ("io_priority", IO_PRIORITY_RANGE),
                         ("oom_score_adj", MODEL_OOM_SCORE_ADJ_RANGE), ("memory_high", (0, mem_total)),
@@ -395,7 +401,7 @@ def stop_model(systemd: Systemd | None, unit: object, uid: int) -> Report:
     allowed = f"{MODEL_UNIT_PREFIX}{uid}-PORT.service"
     match = UNIT_NAME.fullmatch(unit) if isinstance(unit, str) else None
     if match is None:
-        raise _bad("unit", f"{json.dumps(unit)} is not a model unit", allowed)
+        raise _bad("unit", f"{_echo(unit)} is not a model unit", allowed)
     if uid != 0 and int(match.group(1)) != uid:
         raise HelperError("NotAuthorized", f"{unit} belongs to uid {match.group(1)}, not to the caller (uid {uid})")
     if systemd is None:

@@ -8,6 +8,8 @@ introspection, the Version property and the Changed signal.
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -23,6 +25,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
 from . import model
+from .catalogue import clip
+from .plan_schema import MAX_PLAN_BYTES
 from .transaction import Engine, HelperError
 from .units import SYSTEMD, Systemd
 
@@ -44,6 +48,22 @@ SIGNATURES = {
     "StopModel": ("s", "unit"),
     "ProcessDelays": ("u", "pid"),
 }
+# The most bytes (UTF-8) each string argument may have, checked before anything parses it or waits on the bus;
+# the other arguments (u, b, h) have a fixed size. A plan of every knob is a few KiB, settings under 100 bytes,
+# a model unit request with a long command line a few KiB; names and transaction ids are short.
+NAME_BYTES = 256
+ARG_BYTES = {
+    ("Apply", "plan_json"): MAX_PLAN_BYTES,
+    ("Rollback", "txid"): NAME_BYTES,
+    ("SetProcess", "settings_json"): 4096,
+    ("StartModel", "unit_json"): 64 * 1024,
+    ("StopModel", "unit"): NAME_BYTES,
+}
+# Calls one uid may have in flight at once (each connection, until the bus tells who is behind it); more are
+# refused with Busy. Root is not limited: it already may do anything, and is the only caller of a fleet's tooling.
+MAX_CALLS_IN_FLIGHT = 4
+KNOWN_SENDERS = 1024  # remembered sender → uid pairs (a unique bus name is never reused, so an entry stays true)
+TEXT_CHARS = 16 * 1024  # the most of one error text the reply and the audit line carry
 DEFAULT_STATE_DIR = "/var/lib/autoglm-tune"
 log = logging.getLogger("autoglm-tune-helper")
 
@@ -74,6 +94,26 @@ class HelperInterface(ServiceInterface):
         return iface
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
+
+
+def check_arguments(msg: Message) -> HelperError | None:
+    """The signature and the size of every string argument, before anything parses or keeps them. The error is
+    returned, not raised: a raised one's traceback would keep this frame, and the oversize string in it, alive."""
+    sig, names = SIGNATURES[msg.member]
+    if msg.signature != sig:
+        wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
+        return HelperError("InvalidArgs", f"{msg.member}: arguments ({clip(msg.signature)}) do not match; "
+                           f"allowed: ({wanted})")
+    for name, value in zip(names.split(), msg.body, strict=True):
+        cap = ARG_BYTES.get((msg.member, name))
+        if cap is not None and (len(value) > cap or _utf8_len(value) > cap):
+            return HelperError("InvalidArgs", f"{name}: {_utf8_len(value)} bytes is too long; allowed: at most "
+                               f"{cap} bytes")
+    return None
+
+
 class Helper:
     def __init__(self, engine: Engine, audit_path: str, idle_timeout: float) -> None:
         self.engine = engine
@@ -84,6 +124,8 @@ class Helper:
         self.last_call = time.monotonic()
         self.interface = HelperInterface()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[int | str, int] = {}  # calls being served, by uid (or by sender, until its uid is known)
+        self.uids: dict[str, int] = {}  # sender → uid, for callers seen before
         self.bus: MessageBus
 
     def audit(self, caller: dict[str, Any], method: str, report: dict[str, Any], result: str, detail: str) -> None:
@@ -137,38 +179,78 @@ class Helper:
             for fd in fds:  # descriptors sent along with anything else are not kept open
                 os.close(fd)
             return None
-        task = asyncio.ensure_future(self.serve(msg, fds))
+        refusal = check_arguments(msg)
+        if refusal is not None:
+            msg.body = []  # an oversize argument is not kept while the caller is looked up for the audit
+        counted = None
+        if refusal is None:
+            counted = self.uids.get(msg.sender, msg.sender)
+            refusal = self._enter(counted)
+        task = asyncio.ensure_future(self.serve(msg, fds, refusal, None if refusal else counted))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
 
-    async def serve(self, msg: Message, fds: tuple[int, ...]) -> None:
+    def _enter(self, key: int | str) -> HelperError | None:
+        """Count one more call of `key` (a uid, or a sender whose uid is not known yet), or say why not."""
+        if key == 0:
+            return None
+        if self.in_flight.get(key, 0) >= MAX_CALLS_IN_FLIGHT:
+            who = f"uid {key}" if isinstance(key, int) else f"the connection {key}"
+            return HelperError("Busy", f"{who} has {MAX_CALLS_IN_FLIGHT} calls in flight; allowed: at most "
+                               f"{MAX_CALLS_IN_FLIGHT} at once, try again when one has been answered")
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        return None
+
+    def _leave(self, key: int | str | None) -> None:
+        if key is None or key == 0:
+            return
+        self.in_flight[key] -= 1
+        if not self.in_flight[key]:
+            del self.in_flight[key]
+
+    def _known(self, sender: str, uid: int) -> None:
+        if sender not in self.uids and len(self.uids) >= KNOWN_SENDERS:
+            del self.uids[next(iter(self.uids))]
+        self.uids[sender] = uid
+
+    async def serve(self, msg: Message, fds: tuple[int, ...], refusal: HelperError | None,
+                    counted: int | str | None) -> None:
+        """Answer one call: `refusal` is what on_message already refused it for, `counted` the key it is counted
+        under in in_flight (None: not counted)."""
         self.busy += 1
         caller: dict[str, Any] = {"uid": None, "pid": None}
         report: dict[str, Any] = {}
         try:
             caller = await self.credentials(msg.sender)
-            sig, names = SIGNATURES[msg.member]
-            if msg.signature != sig:
-                wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
-                raise HelperError("InvalidArgs", f"{msg.member}: arguments ({msg.signature}) do not match; "
-                                  f"allowed: ({wanted})")
+            if refusal is not None:
+                raise refusal
+            if isinstance(counted, str):  # the first call of this sender: count it under its uid from now on
+                self._known(msg.sender, caller["uid"])
+                self._leave(counted)
+                counted = None
+                busy = self._enter(caller["uid"])
+                if busy is not None:
+                    raise busy
+                counted = caller["uid"]
             if msg.member in ACTIONS and not (msg.member in DRY_RUN_ARG and msg.body[DRY_RUN_ARG[msg.member]]):
                 await self.authorize(msg.sender, caller, ACTIONS[msg.member])
             report = await self.call(msg, caller, fds)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
         except OSError as exc:  # systemd refused or a /proc write failed: the caller gets the reason
-            reply = Message.new_error(msg, ERROR_PREFIX + "Failed", str(exc))
-            result, detail = "error", str(exc)
+            reply = Message.new_error(msg, ERROR_PREFIX + "Failed", clip(str(exc), TEXT_CHARS))
+            result, detail = "error", clip(str(exc), TEXT_CHARS)
         except HelperError as exc:
             report = exc.report
-            reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, str(exc))
-            result, detail = ("denied" if exc.kind == "NotAuthorized" else exc.kind), str(exc)
+            reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, clip(str(exc), TEXT_CHARS))
+            result, detail = ("denied" if exc.kind == "NotAuthorized" else exc.kind), clip(str(exc), TEXT_CHARS)
         except Exception as exc:  # never crash on a caller's input; the audit and the log keep the cause
             log.exception("%s failed", msg.member)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
-            result, detail = "error", repr(exc)
+            result, detail = "error", clip(repr(exc), TEXT_CHARS)
+        finally:
+            self._leave(counted)
         for fd in fds:  # systemd holds its own copy of a passed log descriptor
             os.close(fd)
         self.audit(caller, msg.member, report, result, detail)
@@ -202,8 +284,14 @@ class Helper:
             return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])
 
     async def recover(self) -> None:
-        """Roll back what a crash left pending (unit steps need systemd, so this runs once connected)."""
-        for tx in await asyncio.to_thread(self.engine.recover):
+        """Roll back what a crash left pending (unit steps need systemd, so this runs once connected). Nothing
+        here stops the helper from starting: what recovery could not do stays in the journal for Status."""
+        try:
+            left = await asyncio.to_thread(self.engine.recover)
+        except Exception:
+            log.exception("recovery did not finish")
+            return
+        for tx in left:
             log.warning("recovered transaction %s left by a crash: now %s", tx["txid"], tx["state"])
             report = {"txid": tx["txid"], "changes": tx["steps"]}
             self.audit({"uid": 0, "pid": os.getpid()}, "Recover", report, tx["state"], "left pending by a crash")
@@ -227,6 +315,18 @@ class Helper:
         self.bus.disconnect()
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 256 * 1024
+
+
+def _fixed_mmap_threshold() -> None:
+    """Large buffers (a message of up to the bus's 32 MiB, the string unpacked from it) in their own mappings,
+    returned to the kernel when freed. glibc otherwise raises its threshold to 32 MiB after the first such
+    free, and a flood of big messages then fragments the heap: 600 MiB that stay resident."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator keeps its own rules
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="autoglm-tune-helper", description="autoglm-tune's root helper (D-Bus).")
     parser.add_argument("--state-dir", default=os.environ.get("AUTOGLM_TUNE_STATE_DIR", DEFAULT_STATE_DIR))
@@ -238,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         sys.exit("autoglm-tune-helper: must run as root")
     os.umask(0o077)
+    _fixed_mmap_threshold()
     engine = Engine(args.state_dir)
     helper = Helper(engine, args.audit_log or os.path.join(args.state_dir, "audit.jsonl"), args.idle_timeout)
     asyncio.run(helper.run())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,13 +17,18 @@ import time
 from typing import Any, Protocol
 
 from . import knobs, plan_schema, units
-from .catalogue import CatalogueError
+from .catalogue import CatalogueError, clip
 
 Tx = dict[str, Any]
 TXID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
 ACTIVE = ("pending", "rolling-back")  # states a crash can leave behind
 UNDOABLE = ("committed", "conflict")  # states Rollback accepts
 LEFT = ("conflict", "failed")  # steps an undo could not (or would not) restore
+TX_STATES = (*ACTIVE, "committed", "rolled-back", "conflict")
+STEP_STATES = ("pending", "intent", "done", "undone", "expired", *LEFT)
+QUARANTINE = "tx-quarantine"  # next to tx/: journal files that do not parse or fail validation, kept for a person
+REASON_SUFFIX = ".reason"
+log = logging.getLogger("autoglm-tune-helper")
 
 
 class KnobKind(Protocol):
@@ -41,6 +47,65 @@ class HelperError(Exception):
         super().__init__(text)
         self.kind = kind
         self.report = report or {}
+
+
+class JournalError(ValueError):
+    """A journal file that cannot be trusted: it does not parse, or a step is not one this helper would make."""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write fewer bytes than asked (a signal, a full disk's last blocks): write until all are."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, bool | int) or (isinstance(value, str) and len(value) <= 64)
+
+
+def check_step(step: object, where: str) -> None:
+    """A journaled step, re-validated against the catalogue as if it came from a plan: a crafted or damaged
+    step (an unknown knob, a path outside the swap directories) is refused before anything acts on it."""
+    if not isinstance(step, dict) or step.get("state") not in STEP_STATES:
+        raise JournalError(f"{where}: not a step in one of the states {', '.join(STEP_STATES)}")
+    change = {k: step[k] for k in ("knob", "target", "persistence", "area", "path", "priority", "unit") if k in step}
+    for value in (step.get("old"), step.get("new")):
+        try:
+            parsed = plan_schema.change_from_dict({**change, "current": value, "reason": "journal"}, where)
+        except CatalogueError as exc:
+            raise JournalError(str(exc)) from None
+    if step.get("subject") != parsed.subject or not all(_is_scalar(step.get(k)) for k in ("old", "new")):
+        raise JournalError(f"{where}: subject, old or new do not match the change; allowed: {parsed.subject}")
+    if not isinstance(step.get("error", ""), str) or not isinstance(step.get("activate", False), bool):
+        raise JournalError(f"{where}: error or activate of the wrong type")
+    dirs = step.get("dirs", [])
+    if not isinstance(dirs, list) or not all(
+            isinstance(d, str) and d != "/" and os.path.normpath(d) == d and parsed.path is not None
+            and parsed.path.startswith(d + "/") for d in dirs):
+        raise JournalError(f"{where}.dirs: not directories above the swap file")
+    for key in ("links", "runtime_links"):
+        links = step.get(key, {})
+        if not isinstance(links, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in links.items()):
+            raise JournalError(f"{where}.{key}: not a map of link paths to targets")
+    if not isinstance(step.get("active", ""), str):
+        raise JournalError(f"{where}.active: not a unit state")
+
+
+def check_tx(tx: object, name: str) -> Tx:
+    """A loaded journal file: the transaction's own fields, then every step."""
+    if not isinstance(tx, dict):
+        raise JournalError("not a JSON object")
+    fields: dict[str, type | tuple[type, ...]] = {"txid": str, "started_ns": int, "time": str, "boot_id": str,
+                                                  "caller": dict, "plan_hash": str, "state": str, "steps": list}
+    wrong = [k for k, t in fields.items() if not isinstance(tx.get(k), t)]
+    if wrong:
+        raise JournalError(f"{wrong[0]}: missing or of the wrong type")
+    if tx["txid"] + ".json" != name or tx["state"] not in TX_STATES or not tx["steps"]:
+        raise JournalError(f"txid, state or steps do not fit the file {name}")
+    for i, step in enumerate(tx["steps"]):
+        check_step(step, f"steps[{i}]")
+    return tx
 
 
 def boot_id() -> str:
@@ -67,6 +132,7 @@ def undo_order(steps: list[knobs.Step]) -> list[knobs.Step]:
 class Engine:
     def __init__(self, state_dir: str) -> None:
         self.dir = os.path.join(state_dir, "tx")
+        self.quarantine_dir = os.path.join(state_dir, QUARANTINE)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.boot = boot_id()
         self.systemd: units.Systemd | None = None  # set by the service when PID 1 is systemd on its bus
@@ -87,25 +153,59 @@ class Engine:
         tmp = final + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, json.dumps(tx, indent=1).encode())
+            _write_all(fd, json.dumps(tx, indent=1).encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, final)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(self.dir)
 
     def transactions(self) -> list[Tx]:
-        """All journaled transactions, oldest first (left-over temp files are ignored)."""
+        """All journaled transactions, oldest first (left-over temp files are ignored). A file that does not
+        parse or validate is moved to the quarantine folder, untouched, and nothing acts on it."""
         txs = []
         for name in os.listdir(self.dir):
             if name.endswith(".json") and TXID.fullmatch(name[:-5]):
-                with open(os.path.join(self.dir, name)) as f:
-                    txs.append(json.load(f))
+                try:
+                    with open(os.path.join(self.dir, name), "rb") as f:
+                        txs.append(check_tx(json.loads(f.read()), name))
+                except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and JournalError are ValueErrors
+                    self.quarantine(name, str(exc) or type(exc).__name__)
         return sorted(txs, key=lambda tx: tx["started_ns"])
+
+    def quarantine(self, name: str, reason: str) -> None:
+        """Move tx/NAME to the quarantine folder (never over an earlier one) with a NAME.reason beside it."""
+        log.warning("journal file %s quarantined: %s", name, reason)
+        os.makedirs(self.quarantine_dir, mode=0o700, exist_ok=True)
+        kept, n = name, 1
+        while os.path.lexists(os.path.join(self.quarantine_dir, kept)):
+            kept, n = f"{name}.{n}", n + 1
+        fd = os.open(os.path.join(self.quarantine_dir, kept + REASON_SUFFIX),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            _write_all(fd, clip(reason, 400).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(os.path.join(self.dir, name), os.path.join(self.quarantine_dir, kept))
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.dir)
+
+    def quarantined(self) -> list[dict[str, str]]:
+        """The quarantined journal files and why each was set aside."""
+        if not os.path.isdir(self.quarantine_dir):
+            return []
+        out = []
+        for name in sorted(os.listdir(self.quarantine_dir)):
+            if name.endswith(REASON_SUFFIX):
+                continue
+            try:
+                with open(os.path.join(self.quarantine_dir, name + REASON_SUFFIX), errors="replace") as f:
+                    reason = f.read(1000).strip()
+            except OSError:
+                reason = "(no reason recorded)"
+            out.append({"file": os.path.join(self.quarantine_dir, name), "reason": reason})
+        return out
 
     # ---- apply --------------------------------------------------------------------------
 
@@ -173,6 +273,13 @@ class Engine:
 
     # ---- undo ---------------------------------------------------------------------------
 
+    def _live(self, step: knobs.Step) -> tuple[Any, str]:
+        """The live value and "", or None and why it cannot be read (systemd gone, a value that does not parse)."""
+        try:
+            return self._kind(step).read(step), ""
+        except (OSError, CatalogueError, HelperError) as exc:
+            return None, str(exc)
+
     def _undo(self, tx: Tx, force: bool) -> None:
         """Undo the started steps in reverse, compare-and-set unless forced; journal each one."""
         tx["state"] = "rolling-back"
@@ -183,12 +290,13 @@ class Engine:
             try:
                 if step["persistence"] == "runtime" and tx["boot_id"] != self.boot:
                     step["state"] = "expired"  # gone with the reboot
-                elif force or step["state"] == "intent" or self._kind(step).read(step) in (step["old"], step["new"]):
+                elif (force or step["state"] == "intent"
+                      or self._kind(step).read(step) in (step["old"], step.get("new"))):
                     self._kind(step).restore(step)
                     step["state"] = "undone"
                 else:
                     step["state"] = "conflict"
-            except (OSError, HelperError) as exc:
+            except (OSError, HelperError, CatalogueError) as exc:  # cannot be undone: say so, go on
                 step["state"], step["error"] = "failed", str(exc)
             self.save(tx)
         tx["state"] = "conflict" if any(s["state"] in LEFT for s in tx["steps"]) else "rolled-back"
@@ -208,12 +316,13 @@ class Engine:
         report = []
         for step in tx["steps"]:
             started = step["state"] in ("done", *LEFT)
-            live = self._kind(step).read(step) if started else None
-            report.append({**_summary(step), "live": live})
+            live, unreadable = self._live(step) if started else (None, "")
+            report.append({**_summary(step), "live": live, **({"error": unreadable} if unreadable else {})})
             still_live = step["persistence"] == "persistent" or tx["boot_id"] == self.boot
-            if started and still_live and not force and live not in (step["old"], step["new"]):
+            if started and still_live and not force and (unreadable or live not in (step["old"], step.get("new"))):
                 report[-1]["conflict"] = True
-        conflicts = [f"{r['subject']} is {r['live']!r}, applied {r['new']!r}" for r in report if r.get("conflict")]
+        conflicts = [f"{r['subject']} is {r.get('error') or repr(r['live'])}, applied {r['new']!r}"
+                     for r in report if r.get("conflict")]
         if conflicts:
             raise HelperError("Drift", "changed since it was applied (use force to restore anyway): "
                               + "; ".join(conflicts), {"txid": tx["txid"], "changes": report})
@@ -230,7 +339,10 @@ class Engine:
         left = [tx for tx in self.transactions() if tx["state"] in ACTIVE]
         for tx in left:
             tx["recovered"] = True
-            self._undo(tx, force=False)
+            try:
+                self._undo(tx, force=False)
+            except Exception:  # never block start-up: the journal keeps what is left, Status shows it
+                log.exception("recovery of %s did not finish", tx["txid"])
         return left
 
     # ---- status -------------------------------------------------------------------------
@@ -241,8 +353,10 @@ class Engine:
         for tx in (tx for tx in txs if tx["state"] == "committed"):
             for step in tx["steps"]:
                 if tx["boot_id"] == self.boot or step["persistence"] == "persistent":
+                    live, unreadable = self._live(step)
                     applied[step["subject"]] = {"txid": tx["txid"], "subject": step["subject"], "old": step["old"],
-                                                "new": step["new"], "live": self._kind(step).read(step)}
+                                                "new": step.get("new"), "live": live,
+                                                **({"error": unreadable} if unreadable else {})}
         return {
             "boot_id": self.boot,
             "transactions": [
@@ -252,4 +366,13 @@ class Engine:
             ],
             "applied": list(applied.values()),
             "drift": [a for a in applied.values() if a["live"] != a["new"]],
+            "quarantined": self.quarantined(),
         }
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

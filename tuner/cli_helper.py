@@ -291,6 +291,8 @@ def status(
         for a in report["applied"]:
             mark = "" if a["live"] == a["new"] else f"   DRIFT: now {_show(a['live'])}"
             typer.echo(f"  {a['subject']:<40} {_show(a['old'])} → {_show(a['new'])}  ({a['txid']}){mark}")
+        for q in report.get("quarantined", []):  # journal files the helper set aside, untouched
+            typer.echo(f"quarantined journal file: {q['file']}: {q['reason']}")
         if model is None:
             typer.echo("model: not running (started by 'autoglm-tune launch' as this user)")
         else:

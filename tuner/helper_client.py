@@ -53,6 +53,7 @@ HELPER_ERRORS: dict[str, type[TuneError]] = {
     "Drift": Drift,
     "NotAuthorized": NotAuthorized,
     "Failed": FailedRolledBack,
+    "Busy": HelperUnreachable,  # too many calls of this uid in flight: nothing was done, try again
 }
 BUS_ERRORS: dict[str, type[TuneError]] = {"org.freedesktop.DBus.Error.AccessDenied": NotAuthorized}
 

@@ -14,11 +14,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from autoglm_helper import catalogue
+import pytest
+from autoglm_helper import catalogue, knobs, transaction
 from helper_parts import (
     SWAP_DIR_ROOT,
     Bus,
     Helper,
+    cli,
     full_plan,
     live,
     plan_json,
@@ -109,3 +111,94 @@ def test_a_transaction_pending_from_an_earlier_boot_rolls_back_only_its_persiste
     finally:
         h.stop()
         restore_knobs({"vm.swappiness": str(now)})
+
+
+# ---- recovery does not trust the journal (issue 14, finding 5) -------------------------------------------------
+
+TXID = "20240101-000000-0badf00d"
+
+
+def crafted_tx(state: str, *steps: dict) -> dict:
+    return {"txid": TXID, "started_ns": 1, "time": "2024-01-01T00:00:00Z", "boot_id": transaction.boot_id(),
+            "caller": {"uid": 0, "pid": 1}, "plan_hash": "0" * 64, "state": state, "steps": list(steps)}
+
+
+def swappiness_step(state: str, **extra: object) -> dict:
+    return {"subject": "vm.swappiness", "state": state, "persistence": "runtime", "knob": "vm.swappiness",
+            "target": 1, "old": live("vm.swappiness"), **extra}
+
+
+def test_a_crafted_step_with_an_unknown_knob_is_quarantined_and_nothing_is_done(bus: Bus, workdir: Path) -> None:
+    victim_dir = workdir / "victim"
+    victim_dir.mkdir()
+    (victim_dir / "precious").write_text("keep me")
+    state = workdir / "state-unknown-knob"
+    (state / "tx").mkdir(parents=True)
+    step = {"subject": "bogus.knob", "state": "done", "persistence": "persistent", "knob": "bogus.knob",
+            "target": 64, "old": None, "new": 0, "path": str(victim_dir / "precious"), "dirs": [str(victim_dir)]}
+    (state / "tx" / f"{TXID}.json").write_text(json.dumps(crafted_tx("pending", step)))
+    h = Helper(bus, state).start("--idle-timeout", "0")
+    try:
+        assert (victim_dir / "precious").read_text() == "keep me"
+        assert not (state / "tx" / f"{TXID}.json").exists()
+        assert json.loads((state / "tx-quarantine" / f"{TXID}.json").read_text())["steps"] == [step]
+        (entry,) = h.c.ok("Status")["quarantined"]
+        assert entry["file"] == str(state / "tx-quarantine" / f"{TXID}.json") and "'bogus.knob'" in entry["reason"]
+        shown = cli(bus, "status")
+        assert shown.returncode == 0 and f"quarantined journal file: {entry['file']}: " in shown.stdout
+    finally:
+        h.stop()
+
+
+def test_a_truncated_journal_file_is_quarantined_and_the_helper_still_starts(bus: Bus, workdir: Path) -> None:
+    state = workdir / "state-truncated"
+    (state / "tx").mkdir(parents=True)
+    text = json.dumps(crafted_tx("pending", swappiness_step("done", new=1)))[:100]
+    (state / "tx" / f"{TXID}.json").write_text(text)
+    h = Helper(bus, state).start("--idle-timeout", "0")
+    try:
+        (entry,) = h.c.ok("Status")["quarantined"]
+        assert (state / "tx-quarantine" / f"{TXID}.json").read_text() == text  # kept as it was, for a person
+        assert entry["reason"].startswith("Unterminated string") or "Expecting" in entry["reason"], entry
+        assert h.c.ok("Status")["transactions"] == []
+    finally:
+        h.stop()
+
+
+def test_a_step_that_failed_at_intent_rolls_back_without_an_internal_error(bus: Bus, workdir: Path) -> None:
+    state = workdir / "state-intent"
+    (state / "tx").mkdir(parents=True)
+    (state / "tx" / f"{TXID}.json").write_text(json.dumps(crafted_tx("conflict", swappiness_step("failed",
+                                                                                                 error="EIO"))))
+    h = Helper(bus, state).start("--idle-timeout", "0")
+    try:
+        report = h.c.ok("Rollback", TXID, False, False)
+        assert report["result"] == "rolled-back" and report["changes"][0]["state"] == "undone"
+    finally:
+        h.stop()
+
+
+def test_an_unparsable_live_value_marks_the_step_failed_and_recovery_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = transaction.Engine(str(tmp_path))
+    engine.save(crafted_tx("pending", swappiness_step("done", new=1)))
+
+    def unparsable(step: dict) -> object:
+        raise catalogue.CatalogueError(step["knob"], "the kernel reports 'garbage'", "an integer 0–200")
+
+    monkeypatch.setattr(knobs, "read", unparsable)
+    (tx,) = engine.recover()
+    assert tx["state"] == "conflict" and tx["steps"][0]["state"] == "failed"
+    assert "garbage" in tx["steps"][0]["error"]
+    assert engine.status()["transactions"][0]["state"] == "conflict"
+
+
+def test_a_short_write_is_continued_until_the_whole_journal_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = transaction.Engine(str(tmp_path))
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:100])))  # as a signal would
+    tx = crafted_tx("pending", swappiness_step("done", new=1))
+    engine.save(tx)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "tx" / f"{TXID}.json").read_text()) == tx
