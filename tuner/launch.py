@@ -326,6 +326,16 @@ def probe_flags(program: str, timeout: float = 20.0) -> frozenset[str] | None:
     return help_flags((done.stdout[:HELP_BYTES_MAX] + done.stderr[:HELP_BYTES_MAX]).decode(errors="replace"))
 
 
+def server_flags(listed: frozenset[str] | None, preset: Preset) -> frozenset[str] | None:
+    """The probed flags, when the help text is this preset's server's: it lists at least half of the long options
+    the preset always passes (--model, --port, …). Otherwise (a wrapper script, a test double, another program)
+    the build is not judged by it: None, as when nothing was probed."""
+    fixed = {t for t in preset.command if t.startswith("--") and "{" not in t}
+    if listed is None or not fixed or 2 * len(fixed & listed) < len(fixed):
+        return None
+    return listed
+
+
 def missing_flag(argv: list[str], flags: frozenset[str] | None, program: str) -> None:
     """BadInput for the first long option in `argv` that the program's --help does not list."""
     if flags is None:
@@ -394,6 +404,7 @@ def build_spec(
         nice, oom, clamped = helper_bounds(nice, oom)
         warnings += clamped
     mmap = True if model["mmap"] == AUTO else model["mmap"]
+    flags = server_flags(machine.program_flags, preset)
     settings = ProcessSettings(
         cpus=tuple(process.cpus),
         threads=process.threads,
@@ -425,14 +436,14 @@ def build_spec(
         "io_class": process.io_class,
         "io_priority": process.io_priority,
         "oom_score_adj": process.oom_score_adj,
-        "flags": sorted(machine.program_flags or ()),
+        "flags": sorted(flags or ()),
     }
     if command:
         argv = _render_args(command, variables, "launch -- CMD")
     else:
         argv = _render_args(preset.command, variables, f"preset {preset.name} command")
         argv += _render_args(model["args"], variables, "[model] args")
-        missing_flag(argv, machine.program_flags, variables["program"])
+        missing_flag(argv, flags, variables["program"])
     if not argv or not argv[0]:
         raise BadInput("the command is empty; allowed: a program and its arguments")
     environment = {

@@ -420,3 +420,8 @@ def test_a_flag_the_build_does_not_list_is_refused_naming_it() -> None:
                           machine(program_flags=listed))
     assert "does not take --no-mmap" in str(exc.value) and "allowed:" in str(exc.value)
     assert launch.help_flags("usage: server [-h]\n--port P\n") is None  # too few to judge a build by
+    # another program's help (python3 as a stand-in server, a wrapper script) does not judge the preset's flags
+    other = launch.help_flags("--check-hash-based-pycs M\n--help-env\n--help-xoptions\n--help-all\n--version\n")
+    spec = launch.build_spec(PROCESS, model_policy(keep_resident="mlock"), load_preset("llama-server"),
+                             machine(memlock_hard=None, program_flags=other))
+    assert "--mlock" in spec.argv and "--load-mode" not in spec.argv
