@@ -147,7 +147,10 @@ def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
 
 def model_nice() -> tuple[int, str]:
     return -10, (
-        "with a busy process at nice 0 on one of 2 CPUs the model ran 6.2 tok/s at nice 0 and 18.3 at nice -10 "
-        "(0.90× of no contention), and nice -10 cost nothing without contention (0.98×; docs/BENCHMARKS.md): CFS "
-        "weights 9548:1024 give it ~90 % of a shared CPU. -10 is the helper's floor (catalogue.MODEL_NICE_RANGE)"
+        "under CPU contention (a busy loop at nice 0 on one of 2 CPUs, llama-cpp-python) the model ran 3.12× "
+        "[2.65–3.67] untuned's speed at nice -10, 0.90× [0.86–0.94] of no contention (3 paired rounds, "
+        "docs/bench/2026-11-27-fits-cpu.json); in the seed's case (9B, llama-server, 8 GiB, heavy desktop) it earned "
+        "nothing measurable: 0.93× [0.78–1.11] of the same plan at nice 0, the desktop keeping 0.98× [0.96–0.99] "
+        "of its untuned progress (docs/bench/2026-12-01-9b-heavy.json). -10 is the helper's floor "
+        "(catalogue.MODEL_NICE_RANGE)"
     )
