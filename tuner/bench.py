@@ -97,15 +97,19 @@ class Config:
     name: str
     text: str
     settings: str = "none"  # "none", "recipe-literal", "recipe-512mb", "tuned", "plan"
-    start: str = "plain"  # "plain" (the server's own defaults), "hand" (nice -10, threads = cores), "launch"
+    start: str = "plain"  # "plain" (the server's own defaults), "hand" (--prio 2, threads = cores), "nice" (nice -n
+    # -10, threads = cores), "launch" (autoglm-tune launch)
     overrides: tuple[tuple[str, str, Any], ...] = ()  # (section, key, value) over the policy
 
 
 CONFIG_LIST = (
     Config("limit", "no RAM cap, no desktop, no CPU hog, settings as found: the best this hardware does"),
     Config("untuned", "settings as found (kernel defaults on a fresh box), the server's own defaults"),
-    Config("hand-tune", "untuned plus the one flag a user would try: nice -10 (llama-server --prio 2), "
-           "threads = physical cores", start="hand"),
+    Config("hand-tune", "untuned plus the one flag a llama-server user would try, --prio 2, and threads = physical "
+           "cores; as root --prio 2 is nice -10 for the process and SCHED_FIFO 80 for the compute threads "
+           "(ggml-cpu.c), for a user both are refused", start="hand"),
+    Config("hand-nice", "untuned under `nice -n -10`, threads = physical cores: the hand-tune without real-time "
+           "threads", start="nice"),
     Config("recipe-literal", "the blog's recipe as written: swappiness 20, vfs_cache_pressure 50, zswap on, "
            "max_pool_percent 536870912 (the kernel takes it as no limit)", settings="recipe-literal"),
     Config("recipe-512mb", "the blog's recipe as meant: its pool 512 MB (scaled to MemTotal)",
@@ -1032,10 +1036,11 @@ class Bench:
     def server_argv(self, port: int, config: Config) -> list[str]:
         """The server as a user starts it: its own defaults (threads too) but for the port and the context, which
         every configuration shares; hand-tune adds the one flag and the thread count a user would try."""
-        threads = self.opts.threads or (physical_cores() if config.start == "hand" else None)
+        threads = self.opts.threads or (physical_cores() if config.start in ("hand", "nice") else None)
+        wrap = ["nice", "-n", str(HAND_NICE)] if config.start == "nice" else []
         if self.opts.server == "llama-server":
-            argv = [str(self.server_bin), "--model", str(self.model.path), "--host", "127.0.0.1", "--port", str(port),
-                    "--ctx-size", str(self.opts.context)]
+            argv = [*wrap, str(self.server_bin), "--model", str(self.model.path), "--host", "127.0.0.1",
+                    "--port", str(port), "--ctx-size", str(self.opts.context)]
             argv += ["--threads", str(threads), "--threads-batch", str(threads)] if threads else []
             argv += ["--prio", "2"] if config.start == "hand" else []  # llama.cpp's "high": nice -10
             if self.opts.mmap:
@@ -1045,7 +1050,7 @@ class Bench:
                 "--port", str(port), "--n_ctx", str(self.opts.context)]
         argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else []
         argv += [] if self.opts.mmap else ["--use_mmap", "false"]
-        return (["nice", "-n", str(HAND_NICE)] if config.start == "hand" else []) + argv
+        return (["nice", "-n", str(HAND_NICE)] if config.start in ("hand", "nice") else []) + argv
 
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/" + ("health" if self.opts.server == "llama-server" else "v1/models")
@@ -1061,7 +1066,7 @@ class Bench:
 
     def start_server(self, port: int, cg: Path | None, log: Path, config: Config) -> tuple[subprocess.Popen[Any], int]:
         env = dict(os.environ)
-        if self.opts.threads or config.start == "hand":
+        if self.opts.threads or config.start in ("hand", "nice"):
             env["OMP_NUM_THREADS"] = str(self.opts.threads or physical_cores())
         with log.open("wb") as fh:
             proc = self.g.start(self.server_argv(port, config), cg, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -1214,7 +1219,8 @@ class Bench:
             started.append(server)
             result["load_s"] = round(time.monotonic() - t0, 2)
             status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-            result["threads"] = int(status["Threads"])
+            result["argv"] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            result["os_threads"] = int(status["Threads"])  # all of its threads, HTTP ones included
             result["nice"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
             result["cpus"] = status["Cpus_allowed_list"].strip()
             result["vm_locked_kib"] = int(status["VmLck"].split()[0])

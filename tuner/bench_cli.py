@@ -18,8 +18,8 @@ from .errors import BadInput, TuneError, fail
 
 # The names bench.py defines (checked equal by tests/bench): listed here for --help without importing it.
 SCENARIO_NAMES = ("heavy", "mild", "fits", "cpu", "idle", "cold", "prompt")
-CONFIG_NAMES = ("limit", "untuned", "hand-tune", "recipe-literal", "recipe-512mb", "tuned", "autoglm-tune", "no-nice",
-                "no-resident", "kernel-only", "zswap-on")
+CONFIG_NAMES = ("limit", "untuned", "hand-tune", "hand-nice", "recipe-literal", "recipe-512mb", "tuned",
+                "autoglm-tune", "no-nice", "no-resident", "kernel-only", "zswap-on")
 MODEL_SIZES = ("tiny", "1.1b", "3b", "9b")
 SERVER_NAMES = ("llama-server", "llama-cpp-python")
 ALL_SCENARIOS, ALL_CONFIGS = ",".join(SCENARIO_NAMES), ",".join(CONFIG_NAMES)

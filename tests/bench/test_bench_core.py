@@ -144,6 +144,8 @@ def test_hand_tune_adds_one_flag_and_the_thread_count() -> None:
     assert "--threads" not in plain and "--prio" not in plain and "--no-mmap" not in plain  # the server's defaults
     cores = str(bench.physical_cores())
     assert hand == [*plain, "--threads", cores, "--threads-batch", cores, "--prio", "2"]
+    nice = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-nice"])
+    assert nice == ["nice", "-n", "-10", *plain, "--threads", cores, "--threads-batch", cores]  # no real-time threads
     b.opts = opts(server="llama-server", mmap=False)
     assert b.server_argv(8080, bench.CONFIGS_BY_NAME["untuned"])[-2:] == ["--load-mode", "none"]
     b.opts = opts(server="llama-cpp-python", mmap=False)
