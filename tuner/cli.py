@@ -223,7 +223,7 @@ def launch(
         model_file = lc.check_model_path(model, preset, cmd)
         machine = lc.gather(model_file)
         if cmd is None and any("flags" in t for t in preset.command):  # the preset renders by what the build has
-            found = shutil.which(preset.program if model["program"] == "auto" else model["program"])
+            found = shutil.which(lc.program_of(model, preset))
             machine = replace(machine, program_flags=lc.probe_flags(found) if found else None)
         if unit:  # a persistent unit: decided as for a transient one (MemoryLow=, LimitMEMLOCK=, MemoryHigh=)
             model, machine = {**model, "supervisor": "systemd"}, replace(machine, systemd_helper=True)

@@ -350,6 +350,11 @@ def missing_flag(argv: list[str], flags: frozenset[str] | None, program: str) ->
             )
 
 
+def program_of(model: dict[str, Any], preset: Preset) -> str:
+    """The server program as configured: [model] program, or the preset's for "auto"."""
+    return preset.program if model["program"] == AUTO else model["program"]
+
+
 def url_host(host: str) -> str:
     """The address a client on this machine uses to reach a server listening on `host`."""
     if host in ("0.0.0.0", ""):
@@ -418,7 +423,7 @@ def build_spec(
     model_path = model["model_path"]
     variables: dict[str, Any] = {
         "preset": preset.name,
-        "program": preset.program if model["program"] == AUTO else model["program"],
+        "program": program_of(model, preset),
         "model_path": model_path,
         "model_name": Path(model_path).name.removesuffix(".gguf"),
         "context_size": model["context_size"],
