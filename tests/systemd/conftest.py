@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from autoglm_helper import catalogue
-from container import Client, Container, prepare, start_units
+from container import CLI, Client, Container, prepare, start_units
 
 KNOB_FILES = [f"/{k.path}" for k in catalogue.SCALAR_KNOBS.values()]
 
@@ -43,7 +43,7 @@ def container() -> Iterator[Container]:
         c.mount()
         prepare(c)
         c.boot()
-        c.run("/opt/autoglm-venv/bin/autoglm-tune", "system", "install")
+        c.run(CLI, "system", "install")
         start_units(c)
         yield c
     finally:

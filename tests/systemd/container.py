@@ -201,7 +201,8 @@ HOST_WRITERS = ("systemd-sysctl.service", "systemd-binfmt.service", "proc-sys-fs
 
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = "/opt/autoglm-venv"  # the test venv (tests/run), seen by the container through the overlay
+VENV = os.environ.get("AUTOGLM_TEST_VENV", "/opt/autoglm-venv")  # the test venv (tests/run), seen through the overlay
+CLI = f"{VENV}/bin/autoglm-tune"
 # The checkout's packages as pyproject.toml maps them, outermost first.
 PACKAGES = {"autoglm_helper": "helpers", "autoglm_tune": "tuner", "autoglm_tune/policies": "policies",
             "autoglm_tune/systemd": "systemd"}

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from container import FAKE_TUNER, Client, Container
+from container import CLI, FAKE_TUNER, Client, Container
 
-CLI = "/opt/autoglm-venv/bin/autoglm-tune"
 NOBODY = 65534
 
 

@@ -121,7 +121,7 @@ def test_root_must_be_a_directory(args: tuple[str, ...]) -> None:
 
 def test_uninstall_and_install_in_the_container_reload_for_real(container: Container, client: Client) -> None:
     client.job("StopUnit", "autoglm-tune-helper.service")
-    gone = container.run("/opt/autoglm-venv/bin/autoglm-tune", "system", "uninstall")
+    gone = container.run(CLI, "system", "uninstall")
     assert "reloaded org.freedesktop.systemd1" in gone.stdout and "reloaded org.freedesktop.DBus" in gone.stdout
     try:
         for dest in DESTS:
@@ -131,6 +131,6 @@ def test_uninstall_and_install_in_the_container_reload_for_real(container: Conta
         reply = client.call(*SYSTEMD, "GetUnitFileState", "s", ["autoglm-tune.service"])
         assert reply.error_name == "org.freedesktop.DBus.Error.FileNotFound"
     finally:
-        back = container.run("/opt/autoglm-venv/bin/autoglm-tune", "system", "install")
+        back = container.run(CLI, "system", "install")
     assert back.stdout.count("installed") == len(DESTS)
     assert ok(client, "Status")["transactions"] is not None

@@ -19,7 +19,7 @@ import tomli_w
 from autoglm_helper.catalogue import MODEL_UNIT_PREFIX
 from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from autoglm_tune import gguf
-from container import Client, Container
+from container import CLI, Client, Container
 from dbus_fast import Message, MessageType
 from support import CAP_SYS_RESOURCE, free_port, has_capability
 
@@ -63,7 +63,7 @@ def launcher(container: Container, uid: int, policy: dict, *extra: str, log: str
     path.chmod(0o644)
     argv = ["nsenter", "-t", str(container.leader), "-a", "setpriv", f"--reuid={uid}", f"--regid={uid}",
             "--init-groups", "env", f"AUTOGLM_TUNE_ETC={WORK}/etc", f"HOME={WORK}", "PATH=/usr/bin:/bin",
-            "/opt/autoglm-venv/bin/autoglm-tune", "launch", "--policy", f"{WORK}/policy.toml", "--json",
+            CLI, "launch", "--policy", f"{WORK}/policy.toml", "--json",
             "--log", f"{WORK}/{log}", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -134,7 +134,7 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         assert container.path(f"{WORK}/model.log").stat().st_size > 0  # the server wrote to the caller's log
 
         shown = container.run("setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "env",
-                              f"HOME={WORK}", "/opt/autoglm-venv/bin/autoglm-tune", "status", "--json", "--log",
+                              f"HOME={WORK}", CLI, "status", "--json", "--log",
                               f"{WORK}/model.log", check=False)
         assert shown.returncode == 0, shown.stderr
         model = json.loads(shown.stdout)["model"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from autoglm_helper.service import ERROR_PREFIX
-from container import ALIAS, ETC_UNIT, Client, Container, error, ok, plan, snapshot, unit_change
+from container import ALIAS, CLI, ETC_UNIT, Client, Container, error, ok, plan, snapshot, unit_change
 from dbus_fast import MessageType
 
 
@@ -144,7 +144,7 @@ def test_unprivileged_caller_is_denied_by_polkit(container: Container, client: C
     plan_file.write_text(plan(unit_change("agt-enabled.service", "enabled", "disabled")))
     plan_file.chmod(0o644)
     try:
-        r = container.run("/opt/autoglm-venv/bin/autoglm-tune", "apply", "--plan", "/var/tmp/agt-denied-plan.json",
+        r = container.run(CLI, "apply", "--plan", "/var/tmp/agt-denied-plan.json",
                           "--yes", check=False, uid=65534)
     finally:
         plan_file.unlink()
@@ -205,7 +205,7 @@ def test_polkit_decides_for_unprivileged_callers(container: Container, client: C
     try:
         deadline = time.monotonic() + 10
         while True:  # polkitd reloads rules on an inotify event
-            r = container.run("/opt/autoglm-venv/bin/autoglm-tune", "apply", "--plan", "/var/tmp/agt-allowed-plan.json",
+            r = container.run(CLI, "apply", "--plan", "/var/tmp/agt-allowed-plan.json",
                               "--yes", "--json", check=False, uid=65534)
             if r.returncode != 3 or time.monotonic() > deadline:
                 break
