@@ -45,10 +45,10 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, c
         )
     if cpus <= ZSWAP_MIN_CPUS:
         return False, (
-            f"{cpus} CPU(s): with the model kept out of swap, zswap on 2 CPUs ran mild pressure at 6.0 tok/s against "
-            "15.1 with it off (untuned 10.2; p99 1.3 s: stalls, likely the model's threads compressing other pages in "
-            "direct reclaim), heavy 16.0 [0.8–17.1] against 15.6 "
-            "(docs/BENCHMARKS.md, 2026-11-27)"
+            f"{cpus} CPU(s): zswap on cost the model 10 % in the seed's case (9B, llama-server, 8 GiB, heavy desktop: "
+            "0.90× [0.81–0.995] of the same plan with zswap off, 3 paired rounds; 382 major faults per request "
+            "against 10, allocation stalls 884 against 87; docs/bench/2026-12-02-9b-heavy-part2.json), and earlier "
+            "ran mild pressure at 6.0 tok/s against 15.1 with it off (llama-cpp-python --no-mmap, 3B, 2026-11-27)"
         )
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
