@@ -147,10 +147,11 @@ def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
 
 def model_nice() -> tuple[int, str]:
     return -10, (
-        "under CPU contention (a busy loop at nice 0 on one of 2 CPUs, llama-cpp-python) the model ran 3.12× "
-        "[2.65–3.67] untuned's speed at nice -10, 0.90× [0.86–0.94] of no contention (3 paired rounds, "
-        "docs/bench/2026-11-27-fits-cpu.json); in the seed's case (9B, llama-server, 8 GiB, heavy desktop) it earned "
-        "nothing measurable: 0.93× [0.78–1.11] of the same plan at nice 0, the desktop keeping 0.98× [0.96–0.99] "
-        "of its untuned progress (docs/bench/2026-12-01-9b-heavy.json). -10 is the helper's floor "
-        "(catalogue.MODEL_NICE_RANGE)"
+        "under CPU contention (a busy loop at nice 0 on one of 2 CPUs) the 9B model under the plan ran 3.04× "
+        "[2.44–3.79] untuned's speed, `nice -n -10` alone 2.85× [2.34–3.48], while the busy loop kept 0.16× "
+        "[0.15–0.17] of its own progress (3 paired rounds, docs/bench/2026-12-02-9b-mild-fits-cpu.json); under "
+        "heavy memory pressure it earned nothing measurable (0.93× [0.78–1.11] of the same plan at nice 0, "
+        "docs/bench/2026-12-01-9b-heavy.json), and under mild pressure the plan ran at 0.90× [0.82–0.98] of "
+        "untuned, nice alone at 0.85× [0.76–0.94] (docs/bench/2026-12-02-9b-mild-fits-cpu.json). -10 is the "
+        "helper's floor (catalogue.MODEL_NICE_RANGE)"
     )
