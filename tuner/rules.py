@@ -45,10 +45,10 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, c
         )
     if cpus <= ZSWAP_MIN_CPUS:
         return False, (
-            f"{cpus} CPU(s): with the model kept out of swap, zswap on 2 CPUs ran mild pressure at 6.0 tok/s against "
-            "15.1 with it off (untuned 10.2; p99 1.3 s: stalls, likely the model's threads compressing other pages in "
-            "direct reclaim), heavy 16.0 [0.8–17.1] against 15.6 "
-            "(docs/BENCHMARKS.md, 2026-11-27)"
+            f"{cpus} CPU(s): zswap on cost the model 10 % in the seed's case (9B, llama-server, 8 GiB, heavy desktop: "
+            "0.90× [0.81–0.995] of the same plan with zswap off, 3 paired rounds; 382 major faults per request "
+            "against 10, allocation stalls 884 against 87; docs/bench/2026-12-02-9b-heavy-part2.json), and earlier "
+            "ran mild pressure at 6.0 tok/s against 15.1 with it off (llama-cpp-python --no-mmap, 3B, 2026-11-27)"
         )
     return True, (
         "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
@@ -147,10 +147,11 @@ def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
 
 def model_nice() -> tuple[int, str]:
     return -10, (
-        "under CPU contention (a busy loop at nice 0 on one of 2 CPUs, llama-cpp-python) the model ran 3.12× "
-        "[2.65–3.67] untuned's speed at nice -10, 0.90× [0.86–0.94] of no contention (3 paired rounds, "
-        "docs/bench/2026-11-27-fits-cpu.json); in the seed's case (9B, llama-server, 8 GiB, heavy desktop) it earned "
-        "nothing measurable: 0.93× [0.78–1.11] of the same plan at nice 0, the desktop keeping 0.98× [0.96–0.99] "
-        "of its untuned progress (docs/bench/2026-12-01-9b-heavy.json). -10 is the helper's floor "
-        "(catalogue.MODEL_NICE_RANGE)"
+        "under CPU contention (a busy loop at nice 0 on one of 2 CPUs) the 9B model under the plan ran 3.04× "
+        "[2.44–3.79] untuned's speed, `nice -n -10` alone 2.85× [2.34–3.48], while the busy loop kept 0.16× "
+        "[0.15–0.17] of its own progress (3 paired rounds, docs/bench/2026-12-02-9b-mild-fits-cpu.json); under "
+        "heavy memory pressure it earned nothing measurable (0.93× [0.78–1.11] of the same plan at nice 0, "
+        "docs/bench/2026-12-01-9b-heavy.json), and under mild pressure the plan ran at 0.90× [0.82–0.98] of "
+        "untuned, nice alone at 0.85× [0.76–0.94] (docs/bench/2026-12-02-9b-mild-fits-cpu.json). -10 is the "
+        "helper's floor (catalogue.MODEL_NICE_RANGE)"
     )
