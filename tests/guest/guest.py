@@ -266,6 +266,13 @@ class Guest:
             self.close_ssh()
         raise GuestError(f"the guest did not come back within {timeout:.0f} s")
 
+    def power_cut(self, old_boot_id: str, timeout: float = 420) -> None:
+        """QMP `system_reset`, a power cut to the guest (its page cache is lost; what it flushed stays on the
+        virtual disks); wait for the boot after it (`old_boot_id`: the boot that was cut)."""
+        assert self.qmp is not None
+        self.qmp.execute("system_reset")
+        self._wait_new_boot(old_boot_id, timeout)
+
     def reboot(self, timeout: float = 420) -> None:
         """`systemctl reboot` and wait for a new boot id (about a minute under TCG)."""
         old = self.boot_id()
