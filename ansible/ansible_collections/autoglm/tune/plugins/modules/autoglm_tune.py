@@ -1,3 +1,6 @@
+# Copyright: autoglm-tune developers
+# MIT License (see the project's pyproject.toml; ansible.module_utils.basic, which it imports, is BSD-2-Clause)
+
 """Ansible module autoglm.tune.autoglm_tune: a thin wrapper over the autoglm-tune CLI's JSON interface.
 
 Everything is decided by the CLI and its root helper (apply --json, rollback --json, status --json, launch
@@ -7,12 +10,6 @@ carrying the CLI's one-line message and exit code.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from typing import Any, NoReturn
-
-from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
 ---
@@ -75,7 +72,7 @@ notes:
 requirements:
   - autoglm-tune on the managed host (Python 3.11 or newer)
 author:
-  - autoglm-tune developers
+  - autoglm-tune developers (@autoglm-tune)
 """
 
 EXAMPLES = r"""
@@ -147,6 +144,12 @@ msg:
   type: str
   returned: failure
 """
+
+import json
+import os
+from typing import Any, NoReturn
+
+from ansible.module_utils.basic import AnsibleModule
 
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "state": {"type": "str", "choices": ["applied", "rolled_back"], "default": "applied"},
@@ -229,7 +232,7 @@ class Tune:
         path = self.module.params["model_unit"]
         rendered = os.path.join(self.module.tmpdir, "model.service")
         cmd = [self.exe, "launch", "--unit", "-o", rendered, *self.policy_args]
-        rc, _, err = self.module.run_command(cmd)
+        rc, _out, err = self.module.run_command(cmd)
         if rc != 0:
             self.fail(rc, err, cmd)
         for line in err.splitlines():  # settings this host will refuse, and why
