@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,55 @@ def test_unreadable_policy_file(etc: Path, tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe[vm]\n")
     with pytest.raises(BadInput, match="not valid TOML"):
         load_policy(binary, etc)
+
+
+def test_a_json_policy_is_the_same_schema(etc: Path, tmp_path: Path) -> None:
+    """The same keys in JSON and in TOML give the same policy; JSON drop-ins sort with TOML ones by name."""
+    toml = write(tmp_path, "p.toml", '[vm]\nswappiness = 100\n[zswap]\ncompressor = ["lz4", "zstd"]\n'
+                                     '[services]\ndisable = ["cups.service"]\n')
+    json_file = write(tmp_path, "p.json", '{"vm": {"swappiness": 100}, "zswap": {"compressor": ["lz4", "zstd"]}, '
+                                          '"services": {"disable": ["cups.service"]}}')
+    assert load_policy(json_file, etc).values == load_policy(toml, etc).values
+    write(etc, "policy.d/10-first.json", '{"vm": {"swappiness": 30, "vfs_cache_pressure": 80}}')
+    write(etc, "policy.d/20-second.toml", "[vm]\nswappiness = 40\n")
+    write(etc, "policy.d/30-ignored.yaml", "vm: {swappiness: 1}\n")
+    merged = load_policy(None, etc)
+    assert merged["vm"]["swappiness"] == 40 and merged["vm"]["vfs_cache_pressure"] == 80
+    assert [Path(s).name for s in merged.sources[1:]] == ["10-first.json", "20-second.toml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[1, 2]", "a JSON policy is [1, 2]; allowed: an object of sections"),
+        ('{"vm": {"swappiness": 100}', "not valid JSON"),
+        ('{"vm": {"swappiness": NaN}}', "NaN is not a policy value"),
+        ("[" * 100_000, "not valid JSON"),
+        ('{"vm": 5}', "top-level key vm = 5: keys belong in a section"),
+        ('{"vm": {"swapiness": 100}}', 'unknown key [vm] swapiness; did you mean "swappiness"?'),
+    ],
+)
+def test_bad_json_policy_is_one_line(etc: Path, tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, "bad.json", text)
+    with pytest.raises(BadInput) as caught:
+        load_policy(path, etc)
+    assert needle in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [None, {"a": 1}, [None], 1.5, True, "x" * 300, -(2**70)])
+def test_every_key_refuses_what_only_json_can_say(etc: Path, tmp_path: Path, value: object) -> None:
+    """JSON can say null, nested objects and huge numbers where TOML rarely does: every key refuses what it does
+    not allow with one line naming the key, never a traceback (a value a key allows is skipped)."""
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            path = write(tmp_path, f"{section}-{key}.json", json.dumps({section: {key: value}}))
+            try:
+                load_policy(path, etc)
+            except BadInput as exc:
+                assert f"[{section}] {key} = " in str(exc) and "allowed" in str(exc), str(exc)
+
+
+def test_an_oversized_policy_is_refused_before_it_is_parsed(etc: Path, tmp_path: Path) -> None:
+    path = write(tmp_path, "huge.toml", "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(BadInput, match=r"more than 1048576 bytes; allowed: a policy file of at most 1048576 bytes"):
+        load_policy(path, etc)

@@ -1,5 +1,6 @@
 """The policy schema (the one definition of every policy key), and loading with its resolution order:
-the embedded default, /etc/autoglm-tune/policy.toml, /etc/autoglm-tune/policy.d/*.toml, then --policy.
+the embedded default, /etc/autoglm-tune/policy.toml, /etc/autoglm-tune/policy.d/*.toml and *.json (in name order),
+then --policy. A file is TOML, or JSON when its name ends in .json: one schema, two encodings.
 
 Every bad value becomes a BadInput naming the file, the key and the allowed values.
 """
@@ -26,6 +27,8 @@ from .presets import preset_names
 AUTO = "auto"
 KEEP = "keep"
 DEFAULT_ETC = "/etc/autoglm-tune"
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few KiB; a file larger than this is not one
+POLICY_SUFFIXES = (".toml", ".json")  # the two encodings of the one schema, for policy.d/ and --policy
 
 
 class _Invalid(Exception):
@@ -292,7 +295,11 @@ class Policy:
 
 
 def show(value: Any) -> str:
-    """A value as it is written in TOML, for error messages."""
+    """A value as it is written in the policy file, for error messages (null only comes from JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return json.dumps(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -308,7 +315,7 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
-    """Check one parsed TOML document against SCHEMA; return its validated values."""
+    """Check one parsed policy document (TOML or JSON) against SCHEMA; return its validated values."""
     out: dict[str, dict[str, Any]] = {}
     for section, table in doc.items():
         if not isinstance(table, dict):
@@ -339,20 +346,45 @@ def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, A
     return out
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a policy value")
+
+
+def _read_policy(path: Path) -> dict[str, Any]:
+    """One policy file, bounded before it is parsed: TOML, or JSON when its name ends in .json (one schema, two
+    encodings; JSON is what a program writes, e.g. the Ansible module's inline policy)."""
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = fh.read(MAX_POLICY_BYTES + 1)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such policy file") from None
     except IsADirectoryError:
         raise BadInput(f"{path}: is a directory, not a policy file") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read policy file ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{path}: not valid TOML ({exc})") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise BadInput(f"{path}: more than {MAX_POLICY_BYTES} bytes; allowed: a policy file of at most "
+                       f"{MAX_POLICY_BYTES} bytes")
+    try:
+        text = data.decode()
     except UnicodeDecodeError:
-        raise BadInput(f"{path}: not valid TOML (not UTF-8 text)") from None
+        raise BadInput(f"{path}: not valid {kind} (not UTF-8 text)") from None
+    if kind == "TOML":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise BadInput(f"{path}: not valid TOML ({exc})") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadInput(f"{path}: not valid JSON (nested too deep)") from None
+    except ValueError as exc:
+        raise BadInput(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: a JSON policy is {show(doc)}; allowed: an object of sections, "
+                       '{"vm": {"swappiness": 100}, …}')
+    return doc
 
 
 def default_policy_text() -> str:
@@ -365,7 +397,7 @@ def policy_files(explicit: Path | None, etc_dir: Path | None = None) -> list[Pat
     files = [etc / "policy.toml"] if (etc / "policy.toml").is_file() else []
     drop_ins = etc / "policy.d"
     if drop_ins.is_dir():
-        files += sorted(p for p in drop_ins.glob("*.toml") if p.is_file())
+        files += sorted(p for p in drop_ins.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
     if explicit is not None:
         files.append(explicit)
     return files
@@ -378,7 +410,7 @@ def load_policy(explicit: Path | None = None, etc_dir: Path | None = None) -> Po
     assert not missing, f"policies/default.toml lacks {missing}"
     sources = ["built-in default"]
     for path in policy_files(explicit, etc_dir):
-        for section, values in validate_document(_read_toml(path), str(path)).items():
+        for section, values in validate_document(_read_policy(path), str(path)).items():
             merged[section].update(values)
         sources.append(str(path))
     return Policy(values=merged, sources=tuple(sources))

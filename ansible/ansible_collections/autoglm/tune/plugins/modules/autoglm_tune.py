@@ -1,3 +1,6 @@
+# Copyright: autoglm-tune developers
+# MIT License (see the project's pyproject.toml; ansible.module_utils.basic, which it imports, is BSD-2-Clause)
+
 """Ansible module autoglm.tune.autoglm_tune: a thin wrapper over the autoglm-tune CLI's JSON interface.
 
 Everything is decided by the CLI and its root helper (apply --json, rollback --json, status --json, launch
@@ -7,13 +10,6 @@ carrying the CLI's one-line message and exit code.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import re
-from typing import Any, NoReturn
-
-from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
 ---
@@ -43,13 +39,14 @@ options:
   policy:
     description:
       - The policy inline, either as a mapping of sections (C(vm), C(zswap), C(swap), C(services), C(process),
-        C(model)) or as TOML text. It is written to a temporary file on the host and passed as
+        C(model)), written as JSON, or as TOML text. It is written to a temporary file on the host and passed as
         C(--policy), so it applies on top of the host's C(/etc/autoglm-tune/policy.toml) and
-        C(policy.d/*.toml). Only the keys given change; see the project's C(policies/default.toml).
+        C(policy.d/). Only the keys given change; see the project's C(policies/default.toml).
       - Mutually exclusive with O(policy_file).
     type: raw
   policy_file:
-    description: A policy TOML file on the managed host, passed as C(--policy).
+    description:
+      - A policy file on the managed host (TOML, or JSON when its name ends in C(.json)), passed as C(--policy).
     type: path
   force:
     description:
@@ -75,7 +72,7 @@ notes:
 requirements:
   - autoglm-tune on the managed host (Python 3.11 or newer)
 author:
-  - autoglm-tune developers
+  - autoglm-tune developers (@autoglm-tune)
 """
 
 EXAMPLES = r"""
@@ -148,6 +145,12 @@ msg:
   returned: failure
 """
 
+import json
+import os
+from typing import Any, NoReturn
+
+from ansible.module_utils.basic import AnsibleModule
+
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "state": {"type": "str", "choices": ["applied", "rolled_back"], "default": "applied"},
     "policy": {"type": "raw"},
@@ -158,38 +161,6 @@ ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
 }
 UNDOABLE = ("committed", "conflict")  # transaction states the helper's Rollback accepts
 TO_UNDO = ("done", "conflict", "failed")  # step states a rollback restores
-BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def toml_value(value: Any, where: str) -> str:
-    """One TOML value (JSON string escapes are valid TOML basic-string escapes); nested tables inline."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v, where) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v, f'{where}.{k}')}" for k, v in value.items()) + "}"
-    raise ValueError(f"policy.{where}: {type(value).__name__} is not a policy value; allowed: a string, number, "
-                     "boolean, list or mapping")
-
-
-def toml_key(key: str) -> str:
-    return key if BARE_KEY.fullmatch(key) else json.dumps(key)
-
-
-def policy_toml(policy: dict[str, Any]) -> str:
-    """A policy given as a mapping of sections, as TOML."""
-    lines = []
-    for section, keys in policy.items():
-        if not isinstance(keys, dict):
-            raise ValueError(f"policy.{section}: expected a section (a mapping of keys), got {keys!r}")
-        lines.append(f"[{toml_key(section)}]")
-        lines += [f"{toml_key(k)} = {toml_value(v, f'{section}.{k}')}" for k, v in keys.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Tune:
@@ -203,11 +174,10 @@ class Tune:
         if p["policy_file"]:
             self.policy_args = ["--policy", p["policy_file"]]
         elif p["policy"] is not None:
-            try:
-                text = p["policy"] if isinstance(p["policy"], str) else policy_toml(p["policy"])
-            except ValueError as exc:
-                module.fail_json(msg=str(exc))
-            self.inline_path = os.path.join(module.tmpdir, "policy.toml")
+            # TOML text as given; a mapping as JSON, which the CLI reads with the same schema (its name says which)
+            inline = p["policy"]
+            name, text = ("policy.toml", inline) if isinstance(inline, str) else ("policy.json", json.dumps(inline))
+            self.inline_path = os.path.join(module.tmpdir, name)
             with open(self.inline_path, "w") as f:
                 f.write(text)
             self.policy_args = ["--policy", self.inline_path]
@@ -262,7 +232,7 @@ class Tune:
         path = self.module.params["model_unit"]
         rendered = os.path.join(self.module.tmpdir, "model.service")
         cmd = [self.exe, "launch", "--unit", "-o", rendered, *self.policy_args]
-        rc, _, err = self.module.run_command(cmd)
+        rc, _out, err = self.module.run_command(cmd)
         if rc != 0:
             self.fail(rc, err, cmd)
         for line in err.splitlines():  # settings this host will refuse, and why
