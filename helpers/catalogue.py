@@ -152,7 +152,7 @@ SCALAR_KNOBS: dict[str, Knob] = {
         _zswap("shrinker_enabled", "bool", doc="write cold entries back to disk under pressure"),
         # an int, not a bool: the sysctl takes 0/1, not Y/N
         Knob("kernel.task_delayacct", "proc/sys/kernel/task_delayacct", "int", 0, 1,
-             doc="per-task delay accounting (swap-in, block I/O) for taskstats; off by default since 5.14"),
+             doc="per-task delay accounting (block I/O in /proc/PID/stat); off by default since 5.14"),
     )
 }
 

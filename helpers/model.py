@@ -4,7 +4,6 @@
 - StartModel / StopModel: the model as a transient systemd unit run as the caller, with CPUAffinity,
   scheduling, Nice, I/O class, OOMScoreAdjust, MemoryLow/MemoryHigh and LimitMEMLOCK; its output goes
   to a file descriptor the caller passed, so the caller reads its own log.
-- ProcessDelays: swap-in and block-I/O delays of the caller's process from taskstats (CAP_NET_ADMIN).
 
 Nothing here is journaled: each setting lives and dies with the process or the transient unit.
 A pidfd and a /proc directory fd pin the caller's process, so a PID reused meanwhile is never written to.
@@ -12,7 +11,6 @@ A pidfd and a /proc directory fd pin the caller's process, so a PID reused meanw
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -410,45 +408,3 @@ def stop_model(systemd: Systemd | None, unit: object, uid: int) -> Report:
     if state in RUNNING:
         systemd.run_job("StopUnit", unit)
     return {"result": "stopped", "unit": unit, "was": state}
-
-
-# ---- ProcessDelays ------------------------------------------------------------------------------
-
-def process_delays(pid: int, caller_uid: int, proc: str = "/proc") -> Report:
-    """Swap-in, block-I/O and CPU-wait delays of the caller's process, summed over its live threads (pyroute2
-    asks by PID, so threads that already ended are missing from the sum)."""
-    from pyroute2 import TaskStats  # imported on use: the helper starts without it
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    target = OwnedProcess(pid, caller_uid, proc)
-    totals = {"swapin_count": 0, "swapin_delay_total": 0, "blkio_count": 0, "blkio_delay_total": 0,
-              "cpu_count": 0, "cpu_delay_total": 0}
-    try:
-        try:
-            with open("/proc/sys/kernel/task_delayacct") as fh:
-                accounting: bool | None = fh.read().strip() == "1"
-        except FileNotFoundError:  # before 5.14 accounting is on unless booted with nodelayacct
-            accounting = None
-        stats = TaskStats()
-        try:
-            stats.bind()
-            for tid in target.threads():
-                try:
-                    reply = stats.get_pid_stat(tid)
-                except NetlinkError as exc:
-                    if exc.code == errno.ESRCH:  # the thread ended meanwhile
-                        continue
-                    raise HelperError("Failed", f"taskstats refused pid {tid}: {exc}") from None
-                values = reply[0].get_attrs("TASKSTATS_TYPE_AGGR_PID")[0].get_attr("TASKSTATS_TYPE_STATS")
-                for key in totals:
-                    totals[key] += int(values[key])
-        finally:
-            stats.close()
-        target.alive()
-    except ProcessLookupError:
-        raise _bad("pid", f"process {pid} ended", f"the PID of a running process of uid {caller_uid}") from None
-    finally:
-        target.close()
-    ms = {k.replace("_delay_total", "_delay_ms"): v / 1e6 for k, v in totals.items() if k.endswith("_delay_total")}
-    counts = {k: v for k, v in totals.items() if k.endswith("_count")}
-    return {"result": "delays", "pid": pid, "delay_accounting": accounting, **counts, **ms}

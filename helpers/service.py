@@ -34,7 +34,7 @@ BUS_NAME = INTERFACE = "io.github.autoglm_tune.Helper1"
 OBJECT_PATH = "/io/github/autoglm_tune/Helper1"
 ERROR_PREFIX = INTERFACE + ".Error."
 MODEL_ACTION = "io.github.autoglm_tune.model"
-# The polkit action each changing method needs (Status and ProcessDelays only read, for the owner).
+# The polkit action each changing method needs (Status only reads).
 # StopModel needs no action: only the unit's owner may stop it (a launcher must be able to stop what it started).
 ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback",
            "SetProcess": MODEL_ACTION, "StartModel": MODEL_ACTION}
@@ -46,7 +46,6 @@ SIGNATURES = {
     "SetProcess": ("usb", "pid settings_json dry_run"),
     "StartModel": ("sh", "unit_json log_fd"),
     "StopModel": ("s", "unit"),
-    "ProcessDelays": ("u", "pid"),
 }
 # The most bytes (UTF-8) each string argument may have, checked before anything parses it or waits on the bus;
 # the other arguments (u, b, h) have a fixed size. A plan of every knob is a few KiB, settings under 100 bytes,
@@ -267,8 +266,6 @@ class Helper:
             return {"result": "status", **await asyncio.to_thread(self.engine.status)}
         if msg.member == "SetProcess":
             return await asyncio.to_thread(model.set_process, body[0], uid, model.process_request(body[1]), body[2])
-        if msg.member == "ProcessDelays":
-            return await asyncio.to_thread(model.process_delays, body[0], uid)
         if msg.member == "StopModel":
             return await asyncio.to_thread(model.stop_model, self.engine.systemd, body[0], uid)
         async with self.lock:

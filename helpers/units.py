@@ -7,8 +7,10 @@ A unit step (a dict in the undo journal) carries, besides knob/subject/old/targe
 (GetUnitFileState: enabled, disabled, static, alias, masked, masked-runtime, …).
 
 The engine runs in a worker thread; every call here is sent on the helper's own bus connection through
-its event loop and waited for. Unit-file changes are made by systemd itself; the helper writes only the
-symlinks a restore has to put back (in /etc/systemd/system or /run/systemd/system).
+its event loop and waited for. Unit-file changes are made by systemd itself, restores too: a recorded link in a
+`.wants`/`.requires` directory comes back by AddDependencyUnitFiles, a linked unit file by LinkUnitFiles, an
+alias by EnableUnitFiles (its [Install] Alias=), and each is then checked to lead to the same file as before.
+The helper writes nothing under /etc/systemd or /run/systemd itself (its unit keeps both read-only).
 
 Never-touch is decided on what systemd acts on, not on the name sent (`check`, in a dry-run too): StopUnit,
 DisableUnitFiles and MaskUnitFiles resolve aliases, and a stop in mode "replace" also stops every unit that
@@ -41,7 +43,9 @@ SYSTEMD = "org.freedesktop.systemd1"
 MANAGER = ("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
 CALL_TIMEOUT = 30.0
 JOB_TIMEOUT = 120.0
-LINK_DIRS = ("/etc/systemd/system/", "/run/systemd/system/")  # where restored symlinks may be written
+LINK_DIRS = ("/etc/systemd/system/", "/run/systemd/system/")  # where recorded links may be put back
+DEPENDENCY_KINDS = {"wants": "Wants", "requires": "Requires"}  # link directories AddDependencyUnitFiles makes
+LINK_CALLS = ("LinkUnitFiles", "AddDependencyUnitFiles", "EnableUnitFiles")  # a linked file first, aliases last
 # Unit-file states each target accepts (linked, generated, transient, bad: not ours to change).
 DISABLE_FROM = ("enabled", "enabled-runtime", "disabled")
 MASK_FROM = (*DISABLE_FROM, "static", "indirect", "alias", "masked", "masked-runtime")
@@ -224,26 +228,51 @@ class Systemd:
         self.manager("Reload")
 
     def restore(self, step: Step) -> None:
-        """Unmask what we masked, put back every recorded symlink, start the unit if it was running.
+        """Unmask what we masked, have systemd put back every recorded symlink, start the unit if it was running.
         Idempotent: what is already back is left alone."""
         unit = step["unit"]
         touched = False
         if step["target"] == "masked" and step["old"] != "masked" and os.path.islink(LINK_DIRS[0] + unit):
             self.manager("UnmaskUnitFiles", "asb", [unit], False)
             touched = True
-        for path, dest in {**step["links"], **step["runtime_links"]}.items():
-            if os.path.lexists(path):
-                continue
-            if not path.startswith(LINK_DIRS) or os.path.normpath(path) != path or "\0" in path:
-                raise OSError(f"{unit}: will not recreate {path!r} outside {' '.join(LINK_DIRS)}")
-            parent = os.path.dirname(path)  # e.g. multi-user.target.wants, removed with its last link
-            if not os.path.isdir(parent):
-                os.mkdir(parent)
-                os.chmod(parent, 0o755)  # the helper's umask is 077; unit directories are world-readable
-            os.symlink(dest, path)
+        missing = {path: dest for path, dest in {**step["links"], **step["runtime_links"]}.items()
+                   if not os.path.lexists(path)}
+        requests = {link_request(unit, path, dest) for path, dest in missing.items()}  # all checked before any
+        for member, sig, *args in sorted(requests, key=lambda r: (LINK_CALLS.index(r[0]), repr(r))):
+            self.manager(member, sig, *(list(a) if isinstance(a, tuple) else a for a in args))
             touched = True
         if touched:
             self.manager("Reload")
+        wrong = [path for path, dest in missing.items() if not same_file(path, dest)]
+        if wrong:
+            raise OSError(f"{unit}: systemd did not put back " + ", ".join(wrong) + " as recorded")
         live = self.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
         if step["active"] in RUNNING and live not in RUNNING:
             self.run_job("StartUnit", unit)
+
+
+def link_request(unit: str, path: str, dest: str) -> tuple[Any, ...]:
+    """The Manager call (member, signature, arguments) with which systemd itself writes the recorded symlink
+    `path` → `dest` again; OSError for a link no call can make (then nothing is written)."""
+    runtime = path.startswith(LINK_DIRS[1])
+    directory, name = os.path.split(path)
+    if not path.startswith(LINK_DIRS) or os.path.normpath(path) != path or "\0" in path:
+        raise OSError(f"{unit}: will not recreate {path!r} outside {' '.join(LINK_DIRS)}")
+    top = directory + "/" in LINK_DIRS
+    holder, _, kind = os.path.basename(directory).rpartition(".")
+    if not top and os.path.dirname(directory) + "/" in LINK_DIRS and kind in DEPENDENCY_KINDS and holder:
+        return ("AddDependencyUnitFiles", "asssbb", (name,), holder, DEPENDENCY_KINDS[kind], runtime, False)
+    if top and os.path.isabs(dest) and os.path.basename(dest) == name and not dest.startswith(LINK_DIRS):
+        return ("LinkUnitFiles", "asbb", (dest,), runtime, False)
+    if top:  # an alias: another name for the unit, made by its [Install] Alias=
+        return ("EnableUnitFiles", "asbb", (unit,), runtime, False)
+    raise OSError(f"{unit}: no systemd call recreates {path!r}")
+
+
+def same_file(path: str, dest: str) -> bool:
+    """The link at `path` exists and leads where the recorded one did (`dest` relative to the link's directory);
+    /lib and /usr/lib spell the same file on a merged /usr."""
+    if not os.path.islink(path):
+        return False
+    return os.path.realpath(path) == os.path.realpath(os.path.join(os.path.dirname(path), dest))
+

@@ -82,14 +82,20 @@ def test_stop_model_names() -> None:
 def test_status_lines() -> None:
     record = {"pid": 42, "url": "http://127.0.0.1:8080/health", "log": "/l", "unit": "autoglm-model-1-8080.service"}
     process = {"pid": 42, "cpus": "2-3", "threads": 5, "nice": -5, "sched_policy": "batch", "io_class": "idle",
-               "io_priority": 0, "oom_score_adj": 0, "rss_kib": 2048, "swap_kib": 0, "locked_kib": None}
-    delays = {"delay_accounting": True, "swapin_delay_ms": 12.4, "swapin_count": 3, "blkio_delay_ms": 0.0,
-              "blkio_count": 0, "cpu_delay_ms": 7.0}
+               "io_priority": 0, "oom_score_adj": 0, "rss_kib": 2048, "uss_kib": 1024, "swap_kib": 0,
+               "locked_kib": None}
+    pressure = {"cgroup": "/system.slice/autoglm-model-1-8080.service", "some_ms": 1500.0, "some_avg10": 2.5,
+                "full_ms": 400.0, "full_avg10": 0.75}
+    delays = {"pid": 42, "threads": 5, "delay_accounting": True, "blkio_delay_ms": 30.0, "cpu_delay_ms": 7.0,
+              "memory_pressure": pressure}
     lines = model_lines(record, process, delays)
     assert lines[0] == "model: http://127.0.0.1:8080/health (pid 42, unit autoglm-model-1-8080.service, log /l)"
-    assert "  cpus 2-3, threads 5" in lines and "  memory RSS 2 MiB, swap 0 MiB, locked ?" in lines
-    assert lines[-1] == "  delays: swap-in 12 ms (3), block I/O 0 ms (0), waiting for a CPU 7 ms"
-    off = model_lines(record, process, {**delays, "delay_accounting": False})
-    assert "delay_accounting = true" in off[-1]
+    assert "  cpus 2-3, threads 5" in lines and "  memory RSS 2 MiB (its own 1 MiB), swap 0 MiB, locked ?" in lines
+    assert lines[-2] == "  delays over 5 threads: block I/O 30 ms, waiting for a CPU 7 ms"
+    assert lines[-1] == ("  memory pressure of /system.slice/autoglm-model-1-8080.service: stalled 1500 ms "
+                         "(all tasks 400 ms); last 10 s 2.50 % (all 0.75 %)")
+    off = model_lines(record, process, {**delays, "delay_accounting": False, "memory_pressure": None})
+    assert "delay_accounting = true" in off[-2] and "block I/O 30" not in off[-2]
+    assert off[-1] == "  memory pressure: unknown (needs cgroup v2 with PSI)"
     assert model_lines(record, None, None)[-1] == "  the process is gone"
-    assert model_lines(record, process, "not available (no helper)")[-1] == "  delays: not available (no helper)"
+    assert model_lines(record, process, None)[-1] == "  delays: not read (the process ended)"

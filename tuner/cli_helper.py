@@ -277,7 +277,7 @@ def status(
         against = _against_plan(policy)
         client = _client()
         report = client.status()
-        model = model_report(log or default_log(), client.process_delays)
+        model = model_report(log or default_log())
         if json_out:
             typer.echo(json.dumps({**report, "model": model, **({"plan": against} if against else {})}, indent=2))
             return EXIT_OK

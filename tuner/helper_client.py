@@ -137,8 +137,3 @@ def start_model(unit: dict[str, Any], log_fd: int) -> dict[str, Any]:
 
 def stop_model(unit: str) -> dict[str, Any]:
     return asyncio.run(_call("StopModel", "s", [unit]))
-
-
-def process_delays(pid: int) -> dict[str, Any]:
-    """Swap-in and block-I/O delays of the caller's process (taskstats needs root)."""
-    return asyncio.run(_call("ProcessDelays", "u", [pid]))

@@ -1,6 +1,6 @@
 """The helper's model-process methods through the real polkitd, as unprivileged test users: SetProcess (negative
 nice on every thread; negative oom_score_adj, refused with a warning where the helper lacks CAP_SYS_RESOURCE),
-only for the caller's own process and within the catalogue's bounds; ProcessDelays from taskstats; and
+only for the caller's own process and within the catalogue's bounds; and
 `autoglm-tune launch` asking the helper for what the launcher itself may not set."""
 
 from __future__ import annotations
@@ -161,26 +161,6 @@ def test_out_of_bounds_and_malformed_settings_are_refused(helper: Helper, settin
 def test_bad_pids_are_refused(helper: Helper, pid: int, needle: str) -> None:
     reply = call(helper.bus, ALLOWED_USER, "SetProcess", "usb", pid, json.dumps({"nice": -5}), False)
     assert reply["error"] == ERROR_PREFIX + "InvalidArgs" and needle in reply["text"], reply
-
-
-def test_process_delays_from_taskstats(helper: Helper) -> None:
-    path = Path("/proc/sys/kernel/task_delayacct")
-    before = path.read_text()
-    try:
-        path.write_text("1")
-        with process_of(ALLOWED_USER) as pid:
-            report = call(helper.bus, ALLOWED_USER, "ProcessDelays", "u", pid)["ok"]
-            assert report["pid"] == pid and report["delay_accounting"] is True
-            assert report["cpu_count"] >= 4  # summed over the four threads, each of which has run
-            for key in ("swapin_count", "blkio_count"):
-                assert isinstance(report[key], int) and report[key] >= 0
-            for key in ("swapin_delay_ms", "blkio_delay_ms", "cpu_delay_ms"):
-                assert report[key] >= 0
-        with process_of(DENIED_USER) as other:
-            reply = call(helper.bus, ALLOWED_USER, "ProcessDelays", "u", other)
-            assert reply["error"] == ERROR_PREFIX + "NotAuthorized"
-    finally:
-        path.write_text(before)
 
 
 SERVER = """

@@ -108,10 +108,7 @@ class Client:
 
 
 class Container:
-    """Boot with `start()`, stop with `stop()`; `run()` executes a command inside (nsenter).
-
-    nspawn keeps CAP_NET_ADMIN only with a private network; the container shares the host's, and is given it
-    back so that the helper can read taskstats (a privileged netlink family) as on a real machine."""
+    """Boot with `start()`, stop with `stop()`; `run()` executes a command inside (nsenter)."""
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -139,7 +136,7 @@ class Container:
         with open(self.dir / "nspawn.log", "ab") as log:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(self.root), "-M", MACHINE, "--register=no", "--keep-unit",
-                 "--system-call-filter=@swap", "--capability=CAP_NET_ADMIN", "-b", "--console=pipe"],
+                 "--system-call-filter=@swap", "-b", "--console=pipe"],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         state = ""
@@ -282,7 +279,8 @@ def error(client: Client, member: str, *args: Any) -> tuple[str, str]:
 
 
 def symlinks(c: Container) -> dict[str, str]:
-    """Every symlink in the container's /etc/systemd/system and /run/systemd/system, with its target."""
+    """Every symlink in the container's /etc/systemd/system and /run/systemd/system, with the file it leads to
+    (a restore by systemd may spell /usr/lib as /lib: the same file on a merged /usr)."""
     out = {}
     for top in LINK_ROOTS:
         base = c.path(top)
@@ -290,7 +288,7 @@ def symlinks(c: Container) -> dict[str, str]:
             for name in files:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):
-                    out[path.removeprefix(str(c.root))] = os.readlink(path)
+                    out[path.removeprefix(str(c.root))] = os.path.realpath(path).removeprefix(str(c.root))
     return out
 
 
