@@ -1,5 +1,6 @@
 """What kill -9 cannot tell, seen in the real helper's system calls (strace attached to it, tests/run installs it):
-swap files are made, swapped on and removed through fds, never by their path again."""
+the journal reaches the disk before the first knob write, and a write the kernel silently does not keep is caught
+by the read-back and rolled back."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from autoglm_helper import catalogue
-from helper_parts import SWAP_DIR_ROOT, Helper, _wait, plan_json
+from autoglm_helper import catalogue, knobs
+from autoglm_helper.service import ERROR_PREFIX
+from helper_parts import SWAP_DIR_ROOT, Helper, _wait, live, plan_json, scalar_change
 
 LINE = re.compile(r"(?:(\d+) +)?(?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))")
 
@@ -62,6 +64,51 @@ def calls(trace: Path) -> list[tuple[str, str]]:
 def on(args: str, path: str) -> bool:
     """The call's first argument is an fd open on `path` (strace -y writes it as N<path>)."""
     return re.match(r"\d+<" + re.escape(path) + ">", args) is not None
+
+
+def test_the_journal_and_its_folder_are_fsynced_before_the_first_knob_write(helper: Helper, tmp_path: Path) -> None:
+    """The last journal save before the knob write: the step's intent written to the temp file, the file fsynced,
+    renamed over the journal, and the tx folder fsynced, all before the knob's file is written."""
+    knob, old = "vm.swappiness", live("vm.swappiness")
+    knob_path = "/" + catalogue.SCALAR_KNOBS[knob].path
+    trace, tx = tmp_path / "trace", str(helper.state_dir / "tx")
+    with traced(helper, trace, "-y", "-s", "65536",
+                "-e", "trace=openat,write,fsync,fdatasync,rename,renameat,renameat2"):
+        report = helper.c.ok("Apply", plan_json(scalar_change(knob, old, old + 1 if old < 200 else old - 1)),
+                             False, False)
+    helper.c.ok("Rollback", report["txid"], False, False)
+    journal = f"{tx}/{report['txid']}.json"
+    seen = calls(trace)
+    knob_write = next(i for i, (name, args) in enumerate(seen) if name == "write" and on(args, knob_path))
+    renames = [i for i, (name, args) in enumerate(seen[:knob_write])
+               if name.startswith("rename") and f'"{journal}.tmp", ' in args and f'"{journal}"' in args]
+    assert renames, "the journal was not saved before the knob write"
+    before = seen[max([i + 1 for i in renames[:-1]], default=0):renames[-1]]  # since the previous save
+    written = [i for i, (name, args) in enumerate(before) if name == "write" and on(args, journal + ".tmp")]
+    assert written and '\\"state\\": \\"intent\\"' in before[written[-1]][1], "the step's intent was not journaled"
+    assert any(name in ("fsync", "fdatasync") and on(args, journal + ".tmp")
+               for name, args in before[written[-1]:]), "the journal's temp file was not fsynced before its rename"
+    assert any(name in ("fsync", "fdatasync") and on(args, tx)
+               for name, args in seen[renames[-1]:knob_write]), "the tx folder was not fsynced before the knob write"
+
+
+def test_a_write_the_kernel_does_not_keep_fails_the_read_back_and_is_rolled_back(helper: Helper,
+                                                                                   tmp_path: Path) -> None:
+    """The compressor write is answered "done" (all bytes written) and leaves the old compressor: what the kernel
+    does when it falls back from an algorithm. strace makes it so: the write to that one file returns its length
+    without reaching the kernel."""
+    knob, old = "zswap.compressor", live("zswap.compressor")
+    target = next(c for c in knobs.compressors() if c != old)
+    path = "/" + catalogue.SCALAR_KNOBS[knob].path
+    trace = tmp_path / "trace"
+    with traced(helper, trace, "-P", path, "-e", "trace=write", "-e", f"inject=write:retval={len(target)}"):
+        name, text = helper.c.error("Apply", plan_json(scalar_change(knob, old, target)), False, False)
+    assert [line for line in trace.read_text().splitlines() if "(INJECTED)" in line], "strace injected nothing"
+    assert name == ERROR_PREFIX + "Failed"
+    assert text.startswith(f"{knob}: reads back {old!r} after writing {target!r}; transaction ")
+    assert text.endswith(" rolled-back") and live(knob) == old
+    tx = helper.journal()[-1]
+    assert tx["state"] == "rolled-back" and [s["state"] for s in tx["steps"]] == ["undone"]
 
 
 def test_a_swap_file_is_made_swapped_on_and_removed_through_fds_not_by_its_path(helper: Helper,
