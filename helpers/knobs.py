@@ -8,9 +8,11 @@ idempotent: restoring a value that is already the old one does nothing.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from . import catalogue
@@ -71,17 +73,62 @@ def filesystem_of(path: str) -> str:
     return fstype
 
 
-def _swapon(path: str, priority: int) -> None:
+def _swapon(fd: int, priority: int, shown: str) -> None:
+    """swapon the file or device open as `fd`, through /proc/self/fd: the name is not looked up again."""
     flags = SWAP_FLAG_PREFER | priority if priority >= 0 else 0
-    if _libc.swapon(path.encode(), flags) != 0:
+    if _libc.swapon(f"/proc/self/fd/{fd}".encode(), flags) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"swapon {path}: {os.strerror(err)}")
+        raise OSError(err, f"swapon {shown}: {os.strerror(err)}")
 
 
-def _swapoff(path: str) -> None:
-    if _libc.swapoff(path.encode()) != 0:
+def _swapoff(fd: int, shown: str) -> None:
+    if _libc.swapoff(f"/proc/self/fd/{fd}".encode()) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"swapoff {path}: {os.strerror(err)}")
+        raise OSError(err, f"swapoff {shown}: {os.strerror(err)}")
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_AREA_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+SAFE_DIRS = "directories owned by root, not writable by group or others, none a symbolic link"
+
+
+def _check_dir(fd: int, path: str, field: str) -> None:
+    """The open directory is root's and only root may write to it (checked on the fd, not by name)."""
+    st = os.fstat(fd)
+    mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_uid != 0:
+        raise CatalogueError(field, f"{path} is owned by uid {st.st_uid}, not root ({mode})", SAFE_DIRS)
+    if st.st_mode & 0o022:
+        raise CatalogueError(field, f"{path} is writable by group or others ({mode})", SAFE_DIRS)
+
+
+def open_dir(directory: str, field: str, make: Collection[str] = ()) -> tuple[int, list[str]]:
+    """Open `directory` one component at a time from /, never following a symbolic link, each one checked by
+    _check_dir once open. The missing ones named in `make` are created (mode 0700). Returns the fd of the
+    deepest directory that exists (the caller closes it) and the missing ones below it, shallowest first."""
+    parts = [part for part in directory.split("/") if part]
+    fd, here = os.open("/", _DIR_FLAGS), "/"
+    try:
+        for i, name in enumerate(parts):
+            _check_dir(fd, here, field)
+            path = os.path.join(here, name)
+            if path in make:
+                os.mkdir(name, 0o700, dir_fd=fd)
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                return fd, ["/" + "/".join(parts[: j + 1]) for j in range(i, len(parts))]
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise CatalogueError(field, f"{path} is a symbolic link or not a directory", SAFE_DIRS) from None
+            os.close(fd)
+            fd, here = child, path
+        _check_dir(fd, here, field)
+        return fd, []
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _write_text(path: str, text: str) -> None:
@@ -127,46 +174,46 @@ def check(step: Step, where: str) -> None:
                 "an area whose used pages × 1.2 + 64 MiB fit into MemAvailable",
             )
     if knob == "swap.file":
-        existing = read(step)
-        if existing == step["target"]:
-            # in place already (the step is left out), or made by an earlier apply and inactive since a reboot:
-            # then the step is its swapon, and its undo a swapoff (the file is the earlier transaction's)
-            if step["path"] not in swap_areas():
-                _check_own_swap_file(step["path"], step["target"], where)
-                step["activate"] = True
-            return
-        if existing is not None:  # never adopted, resized or deleted by a failed apply
-            raise CatalogueError(f"{where}.path", f"exists already ({existing} MiB)", "a path where no file exists")
-        fstype = filesystem_of(step["path"])
-        if fstype not in SWAP_FILE_FILESYSTEMS:
-            allowed = "a directory on " + ", ".join(SWAP_FILE_FILESYSTEMS)
-            raise CatalogueError(f"{where}.path", f"lies on {fstype}", allowed)
-        parent = step["path"]
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        st = os.statvfs(parent)
-        if st.f_bavail * st.f_frsize < (step["target"] + 256) * 1024 * 1024:
-            raise CatalogueError(f"{where}.target", f"{step['target']} MiB do not fit", "less than the free space")
-        step["dirs"] = []  # directories this step will create, deepest last
-        directory = os.path.dirname(step["path"])
-        while not os.path.exists(directory):
-            step["dirs"].insert(0, directory)
-            directory = os.path.dirname(directory)
+        dfd, missing = open_dir(os.path.dirname(step["path"]), f"{where}.path")
+        try:
+            _check_swap_file(step, dfd, missing, where)
+        finally:
+            os.close(dfd)
 
 
-def _check_own_swap_file(path: str, size_mib: int, where: str) -> None:
-    """An inactive file at our path is swapped on only if it is what write() makes: a regular file of root's,
-    mode 0600, of the planned size, with a swap signature (swapon checks the header again)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st, page = os.fstat(fd), os.sysconf("SC_PAGE_SIZE")
-        ours = (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
-                and st.st_size == size_mib * 1024 * 1024 and os.pread(fd, 10, page - 10) == b"SWAPSPACE2")
-    finally:
-        os.close(fd)
-    if not ours:
-        raise CatalogueError(f"{where}.path", "exists and is not an autoglm-tune swap file",
-                             "a path where no file exists, or the swap file an earlier apply made")
+def _check_swap_file(step: Step, dfd: int, missing: list[str], where: str) -> None:
+    """check() of a swap file whose directory (or its deepest existing ancestor) open_dir opened as `dfd`."""
+    existing = read(step)
+    if existing == step["target"]:
+        # in place already (the step is left out), or made by an earlier apply and inactive since a reboot:
+        # then the step is its swapon, and its undo a swapoff (the file is the earlier transaction's)
+        if step["path"] not in swap_areas():
+            os.close(_open_own_swap_file(dfd, step, f"{where}.path"))
+            step["activate"] = True
+        return
+    if existing is not None:  # never adopted, resized or deleted by a failed apply
+        raise CatalogueError(f"{where}.path", f"exists already ({existing} MiB)", "a path where no file exists")
+    fstype = filesystem_of(step["path"])
+    if fstype not in SWAP_FILE_FILESYSTEMS:
+        allowed = "a directory on " + ", ".join(SWAP_FILE_FILESYSTEMS)
+        raise CatalogueError(f"{where}.path", f"lies on {fstype}", allowed)
+    st = os.statvfs(dfd)
+    if st.f_bavail * st.f_frsize < (step["target"] + 256) * 1024 * 1024:
+        raise CatalogueError(f"{where}.target", f"{step['target']} MiB do not fit", "less than the free space")
+    step["dirs"] = missing  # directories this step will create, deepest last
+
+
+def _open_own_swap_file(dfd: int, step: Step, field: str) -> int:
+    """The inactive file at our path, opened (the caller closes it) if it is what write() makes: a regular file
+    of root's, mode 0600, of the planned size, with a swap signature (swapon checks the header again)."""
+    fd = os.open(os.path.basename(step["path"]), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    st, page = os.fstat(fd), os.sysconf("SC_PAGE_SIZE")
+    if (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+            and st.st_size == step["target"] * 1024 * 1024 and os.pread(fd, 10, page - 10) == b"SWAPSPACE2"):
+        return fd
+    os.close(fd)
+    raise CatalogueError(field, "exists and is not an autoglm-tune swap file",
+                         "a path where no file exists, or the swap file an earlier apply made")
 
 
 def swapoff_fits(used_kib: int, available_kib: int) -> bool:
@@ -185,28 +232,45 @@ def write(step: Step) -> None:
     if knob in catalogue.SCALAR_KNOBS:
         _write_text(_scalar_path(step), catalogue.SCALAR_KNOBS[knob].render(step["target"]))
     elif knob == "swap.priority":
-        _swapoff(step["area"])
+        fd = os.open(step["area"], _AREA_FLAGS)  # swapoff and swapon act on the same file, looked up once
         try:
-            _swapon(step["area"], step["target"])
-        except OSError:
-            _swapon(step["area"], step["old"])
-            raise
-    elif step.get("activate"):
-        _swapon(step["path"], step["priority"])
-    else:
-        for directory in step["dirs"]:
-            os.mkdir(directory, 0o700)
-        size, page = step["target"] * 1024 * 1024, os.sysconf("SC_PAGE_SIZE")
-        fd = os.open(step["path"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)
-            os.pwrite(fd, swap_header(size, page), 0)
-            os.fsync(fd)
-            if os.fstat(fd).st_blocks * 512 < size:
-                raise OSError(f"{step['path']}: the file has holes; the filesystem cannot hold swap files")
+            _swapoff(fd, step["area"])
+            try:
+                _swapon(fd, step["target"], step["area"])
+            except OSError:
+                _swapon(fd, step["old"], step["area"])
+                raise
         finally:
             os.close(fd)
-        _swapon(step["path"], step["priority"])
+    else:
+        _write_swap_file(step)
+
+
+def _write_swap_file(step: Step) -> None:
+    """Make the directories and the file through fds from open_dir (no name is looked up twice), swapon it."""
+    path, subject = step["path"], step["subject"]
+    dfd, missing = open_dir(os.path.dirname(path), subject, () if step.get("activate") else step["dirs"])
+    try:
+        if missing:
+            raise OSError(f"{missing[0]}: gone since the check")
+        if step.get("activate"):
+            fd = _open_own_swap_file(dfd, step, subject)
+        else:
+            size, page = step["target"] * 1024 * 1024, os.sysconf("SC_PAGE_SIZE")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(os.path.basename(path), flags, 0o600, dir_fd=dfd)
+        try:
+            if not step.get("activate"):
+                os.posix_fallocate(fd, 0, size)
+                os.pwrite(fd, swap_header(size, page), 0)
+                os.fsync(fd)
+                if os.fstat(fd).st_blocks * 512 < size:
+                    raise OSError(f"{path}: the file has holes; the filesystem cannot hold swap files")
+            _swapon(fd, step["priority"], path)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
 
 
 def restore(step: Step) -> None:
@@ -218,14 +282,40 @@ def restore(step: Step) -> None:
     elif knob == "swap.priority":
         if live is not None and (live == step["old"] or (live < 0 and step["old"] < 0)):
             return
-        if live is not None:
-            _swapoff(step["area"])
-        _swapon(step["area"], step["old"])
+        fd = os.open(step["area"], _AREA_FLAGS)
+        try:
+            if live is not None:
+                _swapoff(fd, step["area"])
+            _swapon(fd, step["old"], step["area"])
+        finally:
+            os.close(fd)
     else:
-        if step["path"] in swap_areas():
-            _swapoff(step["path"])
-        if live is not None and not step.get("activate"):
-            os.unlink(step["path"])
-        for directory in reversed(step.get("dirs", [])):
-            if os.path.isdir(directory) and not os.listdir(directory):
-                os.rmdir(directory)
+        _remove_swap_file(step, live is not None)
+
+
+def _remove_swap_file(step: Step, exists: bool) -> None:
+    """swapoff the file and (unless the step only swapped it on) unlink it and the directories the step made,
+    each through an fd of its directory from open_dir."""
+    path, subject = step["path"], step["subject"]
+    dfd, missing = open_dir(os.path.dirname(path), subject)
+    try:
+        if not missing and path in swap_areas():
+            fd = os.open(os.path.basename(path), _AREA_FLAGS, dir_fd=dfd)
+            try:
+                _swapoff(fd, path)
+            finally:
+                os.close(fd)
+        if not missing and exists and not step.get("activate"):
+            os.unlink(os.path.basename(path), dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    for directory in reversed(step.get("dirs", [])):
+        dfd, missing = open_dir(os.path.dirname(directory), subject)
+        try:
+            if not missing:
+                os.rmdir(os.path.basename(directory), dir_fd=dfd)
+        except OSError as exc:  # gone already, or not empty: not ours to remove
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+        finally:
+            os.close(dfd)

@@ -113,9 +113,56 @@ def test_the_swap_file_of_an_earlier_apply_is_swapped_on_again_after_a_reboot(he
         assert name == ERROR_PREFIX + "InvalidArgs" and "is not an autoglm-tune swap file" in text
         assert path not in knobs.swap_areas()
         os.chmod(path, 0o600)
+
+        directory = os.path.dirname(path)  # a directory someone else could swap the file in: never swapped on
+        for unsafe, problem in ((lambda: os.chmod(directory, 0o770), "is writable by group or others (mode 0770)"),
+                                (lambda: os.chown(directory, 65534, 0), "is owned by uid 65534, not root (mode 0700)")):
+            unsafe()
+            name, text = helper.c.error("Apply", plan_json(change), False, False)
+            assert name == ERROR_PREFIX + "InvalidArgs"
+            assert text.split(";")[0] == f"changes[0].path: {directory} {problem}"
+            assert path not in knobs.swap_areas()
+            os.chown(directory, 0, 0)
+            os.chmod(directory, 0o700)
     finally:
+        os.chown(os.path.dirname(path), 0, 0)
+        os.chmod(os.path.dirname(path), 0o700)
         helper.c.ok("Rollback", first["txid"], False, False)
     assert not os.path.exists(path) and not os.path.exists(SWAP_DIR_ROOT)
+
+
+UNSAFE_DIRS = {  # a directory on the way to a swap file that someone but root could change, and what is refused
+    "world-writable": ("/var/swap", 0o777, 0, "/var/swap is writable by group or others (mode 0777)"),
+    "group-writable above": (SWAP_DIR_ROOT, 0o770, 0, f"{SWAP_DIR_ROOT} is writable by group or others (mode 0770)"),
+    "another user's": ("/swap", 0o755, 65534, "/swap is owned by uid 65534, not root (mode 0755)"),
+    "a symbolic link": ("/swap", 0o700, 0, "/swap is a symbolic link or not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_DIRS)
+def test_swap_file_below_a_directory_others_could_change_is_refused_and_nothing_made(
+        helper: Helper, tmp_path: Path, case: str) -> None:
+    directory, mode, uid, problem = UNSAFE_DIRS[case]
+    real = Path(directory) if case != "a symbolic link" else tmp_path / "elsewhere"
+    assert not os.path.lexists(directory)
+    real.mkdir()
+    os.chown(real, uid, 0)
+    real.chmod(mode)
+    if real != Path(directory):
+        os.symlink(real, directory)
+    change = {**swap_file_change(), "path": next(f"{d}/{catalogue.SWAP_FILE_NAME}" for d in catalogue.SWAP_FILE_DIRS
+                                                 if d == directory or d.startswith(directory + "/"))}
+    journal = helper.journal()
+    try:
+        for dry_run in (True, False):
+            name, text = helper.c.error("Apply", plan_json(change), dry_run, False)
+            assert (name, text) == (ERROR_PREFIX + "InvalidArgs", f"changes[0].path: {problem}; allowed: "
+                                    + knobs.SAFE_DIRS)
+        assert os.listdir(real) == [] and helper.journal() == journal and str(change["path"]) not in knobs.swap_areas()
+    finally:
+        if real != Path(directory):
+            os.unlink(directory)
+        real.rmdir()
 
 
 @pytest.mark.parametrize("fstype", ["btrfs", "tmpfs"])
@@ -131,7 +178,7 @@ def test_swap_file_on_a_filesystem_that_cannot_hold_one_is_refused(helper: Helpe
         subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
         mount = ["mount", "-o", "loop", str(image), str(directory)]
     else:
-        mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)]
+        mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(directory)]  # not 1777
     subprocess.run(mount, check=True)
     try:
         change = {**swap_file_change(), "path": f"{directory}/{catalogue.SWAP_FILE_NAME}"}
