@@ -59,7 +59,7 @@ def test_ansible_test_sanity_passes(copy: Path) -> None:
         pytest.skip(f"{SANITY_VENV} is missing (tests/run makes it)")
     done = sanity(copy)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "Running sanity test 'validate-modules'" in done.stdout + done.stderr
+    assert 'Running sanity test "validate-modules"' in done.stdout + done.stderr
 
 
 def test_sanity_notices_an_import_above_the_documentation(copy: Path) -> None:
