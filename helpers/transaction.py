@@ -256,6 +256,7 @@ class Engine:
                 step["state"] = "intent"
                 self.save(tx)
                 self._kind(step).write(step)
+                durable(step)
                 step["new"] = self._kind(step).read(step)
                 step["state"] = "done"
                 self.save(tx)
@@ -293,6 +294,7 @@ class Engine:
                 elif (force or step["state"] == "intent"
                       or self._kind(step).read(step) in (step["old"], step.get("new"))):
                     self._kind(step).restore(step)
+                    durable(step)
                     step["state"] = "undone"
                 else:
                     step["state"] = "conflict"
@@ -368,6 +370,15 @@ class Engine:
             "drift": [a for a in applied.values() if a["live"] != a["new"]],
             "quarantined": self.quarantined(),
         }
+
+
+def durable(step: knobs.Step) -> None:
+    """A persistent step's effect (a swap file made or removed, unit links that systemd wrote) reaches the disk
+    before the journal says it happened: otherwise a power cut could leave a journal that says "rolled back" or
+    "committed" over a disk that holds neither (found by the guest's power-cut test). sync(2), not one fsync:
+    systemd, not the helper, writes the unit links."""
+    if step["persistence"] == "persistent":
+        os.sync()
 
 
 def _fsync_dir(path: str) -> None:
