@@ -182,9 +182,15 @@ def parse_budget(text: str) -> int:
     return int(digits) * scale
 
 
+def bandwidth_gbs(memcpy_gbs: float) -> float:
+    """Memory bandwidth from a memcpy's rate: each byte copied is read once and written once (STREAM's Copy
+    counts both)."""
+    return 2 * memcpy_gbs
+
+
 def limit_tok_s(memcpy_gbs: float, model_bytes: int) -> float:
     """The decode speed memory bandwidth allows: every weight is read once per token, so bandwidth ÷ model size."""
-    return memcpy_gbs * 1e9 / model_bytes
+    return bandwidth_gbs(memcpy_gbs) * 1e9 / model_bytes
 
 
 # ---- the drop-in and its staleness ------------------------------------------------------------
@@ -238,7 +244,7 @@ class Result:
         how = "decided" if self.decision.decided else "undecided when the budget ran out, the simpler kept"
         versus = "; ".join(f"{_inverse(k.interval)} {k.candidate}" for k in self.decision.comparisons)
         return (f"calibrated {self.date[:10]} on this machine with {self.model_path}: {c.label()} ran "
-                f"{speed_line(self.median(c.name), self.limit)} (memcpy {self.memcpy_gbs:.1f} GB/s ÷ "
+                f"{speed_line(self.median(c.name), self.limit)} (memory {bandwidth_gbs(self.memcpy_gbs):.1f} GB/s ÷ "
                 f"{_mib(self.model_bytes)} per token)" + (f"; vs {versus}" if versus else "")
                 + f"; {len(self.rounds)} interleaved rounds, {how}")
 
@@ -277,8 +283,8 @@ def drop_in(r: Result) -> str:
         f"# date      {r.date}   host {r.host}",
         f"# model     {r.model_path} ({r.model_bytes} bytes, mtime_ns {r.model_mtime_ns})",
         f"# CPU       {r.topology}",
-        f"# memory    memcpy {r.memcpy_gbs:.2f} GB/s → limit {r.limit:.1f} tok/s with this model "
-        f"(bandwidth ÷ {_mib(r.model_bytes)} read per token)",
+        f"# memory    memcpy {r.memcpy_gbs:.2f} GB/s copied = {bandwidth_gbs(r.memcpy_gbs):.2f} GB/s read + written "
+        f"→ limit {r.limit:.1f} tok/s with this model (÷ {_mib(r.model_bytes)} read per token)",
         f"# measured  {len(r.rounds)} interleaved rounds of {r.tokens}-token decode bursts (llama-bench -p 0), "
         f"{r.elapsed_s:.0f} s of a {r.budget_s} s budget",
         "#",
