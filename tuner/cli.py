@@ -18,6 +18,7 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer
 
 from .bench_cli import register as register_bench
+from .calibrate_cli import register as register_calibrate
 from .cli_helper import register
 from .cli_system import register as register_system
 from .errors import EXIT_DIFFERS, BadInput, TuneError, fail
@@ -186,6 +187,7 @@ def diff(
 
 register(app)
 register_bench(app)
+register_calibrate(app)
 register_system(app)
 
 

@@ -283,11 +283,34 @@ def _units(b: _Builder, policy: Policy) -> None:
         )
 
 
+def _calibrated(facts: Facts, policy: Policy) -> tuple[dict[str, Any] | None, str | None]:
+    """The [calibration] table when "auto" CPU set and threads may use it and it still describes this machine and
+    model; else None and the line saying why it is not used (None without a calibration)."""
+    cal = policy.calibration
+    if cal is None:
+        return None, None
+    explicit = [k for k in ("cpus", "threads", "reserve_cores") if policy["process"][k] != AUTO]
+    if explicit:
+        return None, f"calibration {cal.source} not used: [process] {', '.join(explicit)} set by the policy"
+    from .calibrate_core import stale_because  # only where there is a calibration: its statistics import is slow
+
+    why = stale_because(cal.values, cal.found, facts.cpu, policy["model"]["model_path"])
+    if why is not None:
+        return None, (f"calibration {cal.source} is stale: {why}; the CPU set and threads below come from the "
+                      "rules instead; rerun autoglm-tune calibrate")
+    return cal.values, f"CPU set and threads from {cal.source}: {cal.values['reason']}"
+
+
 def _process(facts: Facts, policy: Policy) -> ProcessPlan:
     p = policy["process"]
     online = facts.cpu.online
     reasons = []
-    if p["cpus"] != AUTO:
+    calibration, line = _calibrated(facts, policy)
+    if line is not None:
+        reasons.append(line)
+    if calibration is not None:
+        cpus = list(calibration["cpus"])
+    elif p["cpus"] != AUTO:
         outside = sorted(set(p["cpus"]) - set(online))
         if outside:
             raise BadInput(
@@ -325,7 +348,9 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
     if len(nodes) > 1:
         reasons.append(f"the CPU set spans NUMA nodes {', '.join(nodes)}: weights are read across sockets")
     auto_threads = (len(cpus), "one thread per CPU in the set")
-    if not cpus:
+    if calibration is not None:
+        auto_threads = (calibration["threads"], "as calibrated")
+    elif not cpus:
         auto_threads = (1, "CPU topology unknown: one thread and no pinning")
     threads, basis = _choose(p["threads"], auto_threads, "[process] threads")
     if online and threads > len(online):  # more threads than CPUs only contend with each other in every step

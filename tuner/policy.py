@@ -166,11 +166,11 @@ def _priorities() -> tuple[Parser, str]:
     return parse, allowed
 
 
-def _cpus() -> tuple[Parser, str]:
-    allowed = '"auto" or a list of CPU numbers'
+def _cpus(auto: bool = True) -> tuple[Parser, str]:
+    allowed = '"auto" or a list of CPU numbers' if auto else "a list of CPU numbers"
 
     def parse(value: Any) -> Any:
-        if value == AUTO:
+        if auto and value == AUTO:
             return value
         if (
             isinstance(value, list)
@@ -283,12 +283,46 @@ SCHEMA: dict[str, dict[str, tuple[Parser, str]]] = {
 }
 
 
+# [calibration]: what `autoglm-tune calibrate` measured and chose, written whole into a drop-in (never in the
+# default). Used by "auto" CPU set and threads while it still describes the machine and model (calibrate_core).
+CALIBRATION_SCHEMA: dict[str, tuple[Parser, str]] = {
+    "cpus": _cpus(auto=False),
+    "threads": _int_range(1, 1024),
+    "model_path": _text("the path of the model file measured"),
+    "model_bytes": _int_range(0, 2**63 - 1),
+    "model_mtime_ns": _int_range(0, 2**63 - 1),
+    "topology": _text("the CPU topology line calibrate wrote"),
+    "date": _text("the date of the calibration"),
+    "reason": _text("one line saying what was measured"),
+}
+SECTIONS = {**SCHEMA, "calibration": CALIBRATION_SCHEMA}
+
+
+@dataclass(frozen=True)
+class ModelStamp:
+    """A model file as found when the policy was loaded: size and mtime, None when it is not there."""
+
+    path: str
+    size: int | None
+    mtime_ns: int | None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The [calibration] table of the last file that has one, and its model file as found now."""
+
+    values: dict[str, Any]
+    source: str
+    found: ModelStamp
+
+
 @dataclass(frozen=True)
 class Policy:
     """Validated policy values, section → key → value, plus the files they came from, in order."""
 
     values: dict[str, dict[str, Any]]
     sources: tuple[str, ...]
+    calibration: Calibration | None = None
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -323,26 +357,30 @@ def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, A
             hint = f"did you mean [{home[0]}] {section}? " if home else ""
             raise BadInput(
                 f"{source}: top-level key {section} = {show(table)}: keys belong in a section; {hint}"
-                f"allowed sections: {', '.join(f'[{s}]' for s in SCHEMA)}"
+                f"allowed sections: {', '.join(f'[{s}]' for s in SECTIONS)}"
             )
-        if section not in SCHEMA:
+        if section not in SECTIONS:
             raise BadInput(
-                f"{source}: unknown section [{section}]; {_suggest(section, list(SCHEMA))}"
-                f"allowed: {', '.join(f'[{s}]' for s in SCHEMA)}"
+                f"{source}: unknown section [{section}]; {_suggest(section, list(SECTIONS))}"
+                f"allowed: {', '.join(f'[{s}]' for s in SECTIONS)}"
             )
         for key, value in table.items():
-            if key not in SCHEMA[section]:
+            if key not in SECTIONS[section]:
                 raise BadInput(
-                    f"{source}: unknown key [{section}] {key}; {_suggest(key, list(SCHEMA[section]))}"
-                    f"allowed: {', '.join(SCHEMA[section])}"
+                    f"{source}: unknown key [{section}] {key}; {_suggest(key, list(SECTIONS[section]))}"
+                    f"allowed: {', '.join(SECTIONS[section])}"
                 )
-            parse, _ = SCHEMA[section][key]
+            parse, _ = SECTIONS[section][key]
             try:
                 out.setdefault(section, {})[key] = parse(value)
             except _Invalid as exc:
                 raise BadInput(
                     f"{source}: [{section}] {key} = {show(value)}: {exc.problem}; allowed: {exc.allowed}"
                 ) from None
+    missing = [k for k in CALIBRATION_SCHEMA if k not in out["calibration"]] if "calibration" in out else []
+    if missing:
+        raise BadInput(f"{source}: [calibration] lacks {', '.join(missing)}; it is written whole by "
+                       "'autoglm-tune calibrate'; allowed: the file calibrate wrote, or none")
     return out
 
 
@@ -409,8 +447,21 @@ def load_policy(explicit: Path | None = None, etc_dir: Path | None = None) -> Po
     missing = [f"[{s}] {k}" for s, keys in SCHEMA.items() for k in keys if k not in merged.get(s, {})]
     assert not missing, f"policies/default.toml lacks {missing}"
     sources = ["built-in default"]
+    calibration = None
     for path in policy_files(explicit, etc_dir):
-        for section, values in validate_document(_read_policy(path), str(path)).items():
+        doc = validate_document(_read_policy(path), str(path))
+        if "calibration" in doc:  # a measurement, taken whole: the last file's
+            values = doc.pop("calibration")
+            calibration = Calibration(values, str(path), _stamp(values["model_path"]))
+        for section, values in doc.items():
             merged[section].update(values)
         sources.append(str(path))
-    return Policy(values=merged, sources=tuple(sources))
+    return Policy(values=merged, sources=tuple(sources), calibration=calibration)
+
+
+def _stamp(path: str) -> ModelStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ModelStamp(path, None, None)
+    return ModelStamp(path, st.st_size, st.st_mtime_ns)

@@ -1,0 +1,267 @@
+"""calibrate's pure core: the candidate CPU sets on the snapshot trees (hybrid 2P+8E, SMT 2c4t, ARM big.LITTLE),
+the decision rule on given speeds, the drop-in as the policy schema reads it, and `plan` reasoning from it until
+the model file or the CPU topology changes. The measurement itself needs a real machine: tests/bench."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from autoglm_tune import calibrate_core as core
+from autoglm_tune.collect import collect_facts
+from autoglm_tune.errors import BadInput
+from autoglm_tune.facts import Facts
+from autoglm_tune.planner import make_plan
+from autoglm_tune.policy import load_policy
+from trees import built_trees
+
+
+@pytest.fixture(scope="session")
+def facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Facts]:
+    return {name: collect_facts(root) for name, root in built_trees(tmp_path_factory).items()}
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    """An empty system policy directory, so the machine's /etc/autoglm-tune never leaks in."""
+    (tmp_path / "etc" / "policy.d").mkdir(parents=True)
+    return tmp_path / "etc"
+
+
+def generated(f: Facts) -> list[tuple[str, tuple[int, ...], bool]]:
+    default = make_plan(f, load_policy(None, Path("/nonexistent"))).process.cpus
+    return [(c.name, c.cpus, c.default) for c in core.candidates(f.cpu, f.cpu.online, default)]
+
+
+# ---- candidates on the trees ------------------------------------------------------------------
+
+
+def test_smt_laptop_one_per_core_all_threads_and_one_core_left(facts: dict[str, Facts]) -> None:
+    assert generated(facts["smt-2c4t"]) == [
+        ("physical cores = the plan's default", (0, 1), True),
+        ("physical cores minus one", (1,), False),
+        ("all logical CPUs", (0, 1, 2, 3), False),
+    ]
+
+
+def test_hybrid_2p8e_has_p_cores_only_and_e_cores_in_the_others(facts: dict[str, Facts]) -> None:
+    e_cores = tuple(range(4, 12))
+    assert generated(facts["hybrid-2p8e"]) == [
+        ("P-cores only = the plan's default", (0, 2), True),
+        ("physical cores minus one", (2, *e_cores), False),
+        ("physical cores", (0, 2, *e_cores), False),
+        ("all logical CPUs", tuple(range(12)), False),
+    ]
+
+
+def test_arm_big_little_big_cores_only_and_no_smt(facts: dict[str, Facts]) -> None:
+    assert generated(facts["arm-big-little"]) == [
+        ("P-cores only = the plan's default", (4, 5, 6, 7), True),
+        ("physical cores minus one", (1, 2, 3, 4, 5, 6, 7), False),
+        ("physical cores = all logical CPUs", tuple(range(8)), False),
+    ]
+
+
+def test_candidates_stay_inside_the_allowed_cpus(facts: dict[str, Facts]) -> None:
+    f = facts["smt-2c4t"]
+    cands = core.candidates(f.cpu, [0, 1], [0, 1])
+    assert [(c.name, c.cpus, c.threads) for c in cands] == [
+        ("physical cores = all logical CPUs = the plan's default", (0, 1), 2),
+        ("physical cores minus one", (1,), 1),
+    ]
+
+
+def test_threads_equal_each_set_and_no_set_twice(facts: dict[str, Facts]) -> None:
+    for f in facts.values():
+        cands = core.candidates(f.cpu, f.cpu.online, [])
+        assert len({c.cpus for c in cands}) == len(cands)
+        assert all(c.threads == len(c.cpus) > 0 for c in cands)
+
+
+def test_topology_marks_cores_and_kinds(facts: dict[str, Facts]) -> None:
+    assert core.topology(facts["smt-2c4t"].cpu) == "Intel(R) Core(TM) i5-7200U CPU @ 2.50GHz; cores 0,2 1,3"
+    assert core.topology(facts["hybrid-2p8e"].cpu).endswith("; cores 0,1P 2,3P 4E 5E 6E 7E 8E 9E 10E 11E")
+
+
+# ---- the decision rule ------------------------------------------------------------------------
+
+A = core.Candidate("simple", (0,), default=True)
+B = core.Candidate("wide", (0, 1))
+
+
+def rounds(a: list[float], b: list[float]) -> list[dict[str, float]]:
+    return [{"simple": x, "wide": y} for x, y in zip(a, b, strict=True)]
+
+
+def test_a_clearly_faster_candidate_wins_over_the_simpler() -> None:
+    d = core.decide([A, B], rounds([50, 52, 49], [100, 98, 101]))
+    assert (d.leader, d.choice, d.decided) == ("wide", "wide", True)
+    [k] = d.comparisons
+    assert (k.candidate, k.versus, k.verdict) == ("simple", "wide", "slower") and k.interval["high"] < 1
+
+
+def test_equal_speeds_are_a_tie_kept_at_the_simpler_choice() -> None:
+    d = core.decide([A, B], rounds([100, 100.5, 99.8, 100.2], [100.4, 100.1, 100.3, 99.9]))
+    assert d.decided and d.leader == "wide" and d.choice == "simple"
+    assert d.comparisons[0].verdict == "same"
+
+
+def test_undecided_keeps_the_simpler_choice_and_says_so() -> None:
+    d = core.decide([A, B], rounds([100, 60, 130], [90, 120, 95]))
+    assert not d.decided and d.choice == "simple"
+
+
+def test_nothing_is_decided_before_the_minimum_rounds() -> None:
+    assert not core.decide([A, B], rounds([50, 51], [100, 101])).decided
+    assert core.decide([A, B], rounds([50, 51, 50], [100, 101, 100])).decided
+
+
+def test_rounds_are_rotated_so_no_candidate_always_runs_first() -> None:
+    c = core.Candidate("third", (1,))
+    assert [[x.name for x in core.rotated([A, B, c], r)] for r in range(3)] == [
+        ["simple", "wide", "third"], ["wide", "third", "simple"], ["third", "simple", "wide"]]
+
+
+# ---- budget, burst and limit ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("120s", 120), ("2m", 120), ("90", 90), (" 45S ", 45)])
+def test_budget_parses(text: str, seconds: int) -> None:
+    assert core.parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0s", "-5s", "1.5m", "2h", "s", "ten"])
+def test_budget_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        core.parse_budget(text)
+
+
+def test_burst_tokens_follow_speed_within_bounds_and_context() -> None:
+    assert core.burst_tokens(2.0, 4096) == core.MIN_TOKENS
+    assert core.burst_tokens(100.0, 4096) == 100
+    assert core.burst_tokens(5000.0, None) == core.MAX_TOKENS
+    assert core.burst_tokens(5000.0, 128) == 127
+
+
+def test_limit_is_bandwidth_over_the_bytes_read_per_token() -> None:
+    assert core.limit_tok_s(7.3, 1_000_000_000) == pytest.approx(14.6)  # a memcpy reads and writes each byte
+    assert core.minimum_budget_s(4) > core.minimum_budget_s(2) >= core.PROBE_S + core.MIN_ROUNDS
+
+
+# ---- the drop-in, the policy schema and plan ---------------------------------------------------
+
+
+def result_for(f: Facts, model: Path) -> core.Result:
+    default = make_plan(f, load_policy(None, Path("/nonexistent"))).process.cpus
+    cands = core.candidates(f.cpu, f.cpu.online, default)  # smt-2c4t: [0,1] default, [1], [0-3]
+    speeds = {cands[0].name: [10.0, 10.2, 9.9], cands[1].name: [6.0, 6.1, 5.9], cands[2].name: [12.0, 12.3, 11.9]}
+    measured = [{n: v[i] for n, v in speeds.items()} for i in range(3)]
+    st = model.stat()
+    return core.Result(cands=cands, rounds=measured, decision=core.decide(cands, measured), memcpy_gbs=4.0,
+                       model_path=str(model), model_bytes=st.st_size, model_mtime_ns=st.st_mtime_ns,
+                       topology=core.topology(f.cpu), date="2026-12-02T03:00:00Z", host="smt-laptop", elapsed_s=42.0,
+                       budget_s=120, tokens=64)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.gguf"
+    with path.open("wb") as fh:
+        fh.write(b"GGUF")
+        fh.truncate(500_000_000)  # sparse: a memcpy of 4 GB/s moves 8 GB/s; ÷ 500 MB = 16 tok/s
+    return path
+
+
+def test_drop_in_parses_with_the_policy_schema_and_carries_the_measurements(
+    facts: dict[str, Facts], model: Path, etc: Path
+) -> None:
+    r = result_for(facts["smt-2c4t"], model)
+    text = core.drop_in(r)
+    (etc / "policy.d" / "50-calibrated.toml").write_text(text)
+    cal = load_policy(None, etc).calibration
+    assert cal is not None and cal.source == str(etc / "policy.d" / "50-calibrated.toml")
+    assert cal.values["cpus"] == (0, 1, 2, 3) and cal.values["threads"] == 4
+    assert (cal.values["model_bytes"], cal.values["model_mtime_ns"]) == (cal.found.size, cal.found.mtime_ns)
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    for needle in (str(model), "2026-12-02T03:00:00Z", r.topology, "memcpy 4.00 GB/s copied = 8.00 GB/s read + written",
+                   "limit 16.0 tok/s",
+                   "all logical CPUs", "75 %", "0.83× ["):
+        assert any(needle in line for line in comments), needle
+
+
+def test_any_model_path_round_trips_through_the_drop_in(facts: dict[str, Facts], tmp_path: Path, etc: Path) -> None:
+    odd = tmp_path / 'mödel "q4" \\ 😀\x7f\t.gguf'
+    odd.write_bytes(b"GGUF")
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(facts["smt-2c4t"], odd)))
+    cal = load_policy(None, etc).calibration
+    assert cal is not None and cal.values["model_path"] == str(odd) and cal.found.size == 4
+
+
+def test_plan_reasons_from_a_fresh_calibration(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(f, model)))
+    process = make_plan(f, load_policy(None, etc)).process
+    assert (process.cpus, process.threads) == ([0, 1, 2, 3], 4)
+    assert process.reasons[0].startswith(f"CPU set and threads from {etc}/policy.d/50-calibrated.toml: calibrated "
+                                         f"2026-12-02 on this machine with {model}: all logical CPUs (CPUs 0-3, 4 "
+                                         "threads) ran 12.0 tok/s, 75 % of this box's 16.0 tok/s limit")
+    assert "1.20× [" in process.reasons[0] and "threads 4: as calibrated" in process.reasons
+
+
+def test_a_changed_model_file_makes_the_calibration_stale(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(f, model)))
+    with model.open("ab") as fh:
+        fh.write(b"x")
+    process = make_plan(f, load_policy(None, etc)).process
+    assert process.reasons[0].startswith(f"calibration {etc}/policy.d/50-calibrated.toml is stale: the model file "
+                                         f"{model} changed")
+    assert (process.cpus, process.threads) == ([0, 1], 2)  # the rules' default
+
+
+def test_a_touched_or_removed_model_is_stale_too(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(f, model)))
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert "is stale: the model file" in make_plan(f, load_policy(None, etc)).process.reasons[0]
+    model.unlink()
+    assert f"the model file {model} is gone" in make_plan(f, load_policy(None, etc)).process.reasons[0]
+
+
+def test_other_cpu_topology_makes_it_stale(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(facts["smt-2c4t"], model)))
+    other = facts["hybrid-2p8e"]
+    process = make_plan(other, load_policy(None, etc)).process
+    assert "is stale: the CPU topology differs" in process.reasons[0]
+    assert process.cpus == [0, 2]
+
+
+def test_another_model_in_the_policy_makes_it_stale(
+    facts: dict[str, Facts], model: Path, etc: Path, tmp_path: Path
+) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(f, model)))
+    (etc / "policy.d" / "60-model.toml").write_text(f'[model]\nmodel_path = "{tmp_path}/other.gguf"\n')
+    assert f"the policy's model is {tmp_path}/other.gguf" in make_plan(f, load_policy(None, etc)).process.reasons[0]
+
+
+def test_explicit_process_settings_win_over_the_calibration(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(core.drop_in(result_for(f, model)))
+    (etc / "policy.d" / "60-threads.toml").write_text("[process]\nthreads = 1\n")
+    process = make_plan(f, load_policy(None, etc)).process
+    assert process.reasons[0].endswith("not used: [process] threads set by the policy")
+    assert (process.cpus, process.threads) == ([0, 1], 1)
+
+
+def test_a_partial_or_bad_calibration_is_refused_naming_the_key(model: Path, etc: Path) -> None:
+    path = etc / "policy.d" / "50-calibrated.toml"
+    path.write_text("[calibration]\ncpus = [0]\nthreads = 1\n")
+    with pytest.raises(BadInput, match=r"50-calibrated.toml: \[calibration\] lacks model_path, model_bytes"):
+        load_policy(None, etc)
+    path.write_text('[calibration]\ncpus = "auto"\n')
+    with pytest.raises(BadInput, match=r'\[calibration\] cpus = "auto": .* allowed: a list of CPU numbers'):
+        load_policy(None, etc)
+
