@@ -299,7 +299,8 @@ def readme_options() -> dict[str, set[str]]:
 def test_every_command_takes_exactly_the_options_the_readme_table_says() -> None:
     table = readme_options()
     assert set(table) == {"--policy", "--sysroot", "--facts", "--json"}
-    commands = ("facts", "plan", "diff", "apply", "rollback", "status", "verify", "launch", "bench", "system")
+    commands = ("facts", "plan", "diff", "apply", "rollback", "status", "verify", "launch", "bench", "calibrate",
+                "system")
     for command in commands:
         helptext = run(command, "--help").stdout
         for option, takers in table.items():
