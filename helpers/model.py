@@ -52,6 +52,8 @@ MEMCG_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-[0-9]+-[0-9]+"
 MEMCGS_PER_UID = 4  # in-use model memory cgroups one user may have: each is a root-made directory
 _memcg_lock = threading.Lock()  # SetProcess calls run in worker threads: the count and the mkdir go together
 STOP_TIMEOUT_US = 10_000_000
+TASKS_MAX = 1024  # a model server's threads (compute ≤ CPUs, HTTP workers, a tokenizer pool), not a fork loop
+SESSION_SCOPE = r"/user-{uid}\.slice/(session-[A-Za-z0-9]+\.scope)(?:/|$)"  # a logind session's cgroup
 
 
 def _echo(value: object) -> str:
@@ -410,8 +412,28 @@ def unit_name(uid: int, port: int) -> str:
     return f"{MODEL_UNIT_PREFIX}{uid}-{port}.service"
 
 
-def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> list[list[Any]]:
-    """StartTransientUnit's a(sv) for `req`, run as `uid`. Pure."""
+def caller_session(pid: int | None, uid: int) -> str | None:
+    """The logind session scope the caller runs in (session-ID.scope in user-UID.slice), from its cgroup in
+    systemd's hierarchy; None without one (a cron job, a service, a shell that pam_systemd did not register)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:  # the caller has gone
+        return None
+    scope = re.compile(SESSION_SCOPE.format(uid=uid))  # another uid's session (a PID reused) does not match
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        match = scope.search(path) if controllers in ("", "name=systemd") else None
+        if match:
+            return match.group(1)
+    return None
+
+
+def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None, session: str | None = None
+                    ) -> list[list[Any]]:
+    """StartTransientUnit's a(sv) for `req`, run as `uid`, bound to the caller's `session` scope if any. Pure."""
     mask = sum(1 << c for c in req["cpus"])
     argv = [a.replace("$", "$$") for a in req["argv"]]  # systemd expands $NAME in ExecStart= arguments
     props: list[list[Any]] = [
@@ -425,7 +447,17 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> 
         ["NoNewPrivileges", Variant("b", True)],
         ["CollectMode", Variant("s", "inactive-or-failed")],
         ["TimeoutStopUSec", Variant("t", STOP_TIMEOUT_US)],
+        # In the user's slice, not system.slice: what limits the user's sessions (user-.slice.d, TasksMax=33% by
+        # default, or the admin's MemoryMax=) limits the model too, with nice -10 and LimitMEMLOCK or not.
+        ["Slice", Variant("s", f"user-{uid}.slice")],
+        ["TasksMax", Variant("t", TASKS_MAX)],
     ]
+    if session is not None:
+        # BindsTo= + After= the caller's session scope: the model is stopped when the session's scope stops (at
+        # logout with KillUserProcesses=yes, else once its last process is gone) and before it. Transient units
+        # take dependencies as properties; a scope cannot be started, so BindsTo= never pulls one up. Not
+        # PartOf=user@UID.service: lingering keeps the user's manager running past every session.
+        props += [["BindsTo", Variant("as", [session])], ["After", Variant("as", [session])]]
     simple = {"sched_policy": ("CPUSchedulingPolicy", "i", SCHED_NUMBERS.get),
               "nice": ("Nice", "i", int), "io_class": ("IOSchedulingClass", "i", IO_CLASS_NUMBERS.get),
               "io_priority": ("IOSchedulingPriority", "i", int), "oom_score_adj": ("OOMScoreAdjust", "i", int),
@@ -441,7 +473,8 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> 
     return props
 
 
-def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: int | None) -> Report:
+def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: int | None,
+                caller_pid: int | None) -> Report:
     """Start the transient unit, wait for its job, and read back what the process got."""
     if systemd is None:
         raise HelperError("NotSupported", "systemd is not PID 1 on this machine; allowed: launch without a unit")
@@ -451,7 +484,7 @@ def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: 
     if running and uid != 0:  # the bounds hold per user, not per unit
         raise _bad("port", f"{running[0]} is already running: one model unit per user",
                    f"stop it first: systemctl stop {running[0]}")
-    props = unit_properties(req, uid, 0 if log_fd is not None else None)
+    props = unit_properties(req, uid, 0 if log_fd is not None else None, caller_session(caller_pid, uid))
     try:
         systemd.start_transient(unit, props, [log_fd] if log_fd is not None else [])
     except FileExistsError:
