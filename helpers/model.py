@@ -6,15 +6,20 @@
   to a file descriptor the caller passed, so the caller reads its own log.
 
 Nothing here is journaled: each setting lives and dies with the process or the transient unit.
-A pidfd and a /proc directory fd pin the caller's process, so a PID reused meanwhile is never written to.
+A pidfd and a /proc directory fd pin the caller's process. setpriority and cgroup.procs still take numbers:
+each write by number is checked just before (a thread through the pinned directory, the process through the
+pidfd) and the pidfd is probed again just after, so a process that ends meanwhile is an error, not a write to
+whatever gets its number next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
+import threading
 from typing import Any
 
 from dbus_fast import Variant
@@ -40,7 +45,13 @@ UNIT_IO_CLASSES = tuple(c for c in IO_CLASSES if c != "realtime")  # realtime I/
 UNIT_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-([0-9]+)\.service")
 MAX_ARGS = 512
 MEMCG_V1 = "/sys/fs/cgroup/memory"
+# A model's own v1 memory cgroup: autoglm-model-<owner uid>-<pid>-<start time in ticks>, unique per process.
+MEMCG_NAME = re.compile(re.escape(MODEL_UNIT_PREFIX) + r"([0-9]+)-[0-9]+-[0-9]+")
+MEMCGS_PER_UID = 4  # in-use model memory cgroups one user may have: each is a root-made directory
+_memcg_lock = threading.Lock()  # SetProcess calls run in worker threads: the count and the mkdir go together
 STOP_TIMEOUT_US = 10_000_000
+TASKS_MAX = 1024  # a model server's threads (compute ≤ CPUs, HTTP workers, a tokenizer pool), not a fork loop
+SESSION_SCOPE = r"/user-{uid}\.slice/(session-[A-Za-z0-9]+\.scope)(?:/|$)"  # a logind session's cgroup
 
 
 def _echo(value: object) -> str:
@@ -95,31 +106,34 @@ def process_request(text: str) -> dict[str, int]:
 
 class OwnedProcess:
     """A caller's process, pinned: a pidfd proves it is alive, and every /proc read and write goes through a
-    directory fd opened while the pidfd showed it alive — so a PID reused meanwhile is never written to."""
+    directory fd opened while the pidfd showed it alive — so a PID reused meanwhile is never read or written."""
 
     def __init__(self, pid: int, caller_uid: int, proc: str = "/proc") -> None:
-        allowed = f"the PID of a running process of uid {caller_uid}"
+        self.allowed = f"the PID of a running process of uid {caller_uid}"
         if pid <= 1:
-            raise _bad("pid", f"{pid} is not a model process", allowed)
+            raise _bad("pid", f"{pid} is not a model process", self.allowed)
         self.pid = pid
         try:
             self.pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            raise _bad("pid", f"no process {pid}", allowed) from None
+            raise _bad("pid", f"no process {pid}", self.allowed) from None
         except OSError:  # EINVAL: a thread ID, not a process
-            raise _bad("pid", f"{pid} is not a process ID", allowed) from None
+            raise _bad("pid", f"{pid} is not a process ID", self.allowed) from None
         try:
             self.dirfd = os.open(f"{proc}/{pid}", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             os.close(self.pidfd)
-            raise _bad("pid", f"no process {pid}", allowed) from None
+            raise _bad("pid", f"no process {pid}", self.allowed) from None
         try:
             self.alive()
-            uids = {int(u) for u in self.read("status").split("Uid:", 1)[1].split("\n", 1)[0].split()}
+            fields = self.read("status").split("Uid:", 1)[1].split("\n", 1)[0].split()
+            uids = {int(u) for u in fields}  # real, effective, saved and fs uid
+            self.uid = int(fields[0])  # the owner, as a model memory cgroup's name records it
+            self.start = int(self.stat()[19])  # field 22: start time in clock ticks since boot
         except (ProcessLookupError, IndexError, ValueError, OSError):
             self.close()
-            raise _bad("pid", f"no process {pid}", allowed) from None
-        if caller_uid != 0 and uids != {caller_uid}:  # real, effective, saved and fs uid
+            raise _bad("pid", f"no process {pid}", self.allowed) from None
+        if caller_uid != 0 and uids != {caller_uid}:
             self.close()
             raise HelperError("NotAuthorized", f"pid {pid} belongs to uid {min(uids - {caller_uid})}, not to the "
                               f"caller (uid {caller_uid})")
@@ -130,26 +144,49 @@ class OwnedProcess:
         if select.select([self.pidfd], [], [], 0)[0]:
             raise ProcessLookupError(self.pid)
 
+    def _open(self, name: str, flags: int) -> int:
+        try:
+            return os.open(name, flags, dir_fd=self.dirfd)
+        except OSError:
+            self.alive()  # an ended process's directory is empty: that is the error, not ENOENT
+            raise
+
     def read(self, name: str) -> str:
-        fd = os.open(name, os.O_RDONLY, dir_fd=self.dirfd)
+        fd = self._open(name, os.O_RDONLY)
         try:
             return os.read(fd, 65536).decode()
         finally:
             os.close(fd)
 
     def write(self, name: str, text: str) -> None:
-        fd = os.open(name, os.O_WRONLY, dir_fd=self.dirfd)
+        fd = self._open(name, os.O_WRONLY)
         try:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
 
+    def stat(self) -> list[str]:
+        """/proc/PID/stat from field 3 on (after the command name, which may hold spaces and parentheses)."""
+        return self.read("stat").rsplit(")", 1)[1].split()
+
+    def nice(self) -> int:
+        return int(self.stat()[16])  # field 19: the main thread's nice
+
     def threads(self) -> list[int]:
-        fd = os.open("task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.dirfd)
+        fd = self._open("task", os.O_RDONLY | os.O_DIRECTORY)
         try:
             return sorted(int(t) for t in os.listdir(fd))
         finally:
             os.close(fd)
+
+    def has_thread(self, tid: int) -> bool:
+        """Whether `tid` is a live thread of this process: looked up through the pinned directory, so a number
+        another process has taken meanwhile is not found."""
+        try:
+            os.close(self._open(f"task/{tid}", os.O_RDONLY | os.O_DIRECTORY))
+        except FileNotFoundError:
+            return False
+        return True
 
     def close(self) -> None:
         os.close(self.dirfd)
@@ -157,14 +194,20 @@ class OwnedProcess:
 
 
 def _set_nice(target: OwnedProcess, nice: int) -> str | None:
-    """Every thread (nice is per thread; threads started later inherit it from their creator)."""
+    """Every thread (nice is per thread; threads started later inherit it from their creator). setpriority takes
+    a number: each thread is looked up through the pinned directory right before its write, and the pidfd is
+    probed right after, so threads that end while they are walked are skipped and a process that ends is an
+    error. The few instructions between lookup and write are left: no interface sets nice through a pidfd."""
     for tid in target.threads():
+        if not target.has_thread(tid):  # ended since the listing
+            continue
         try:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
         except ProcessLookupError:  # the thread ended meanwhile
             continue
         except OSError as exc:
-            return f"nice = {nice} not set ({exc.strerror}); it stays {os.getpriority(os.PRIO_PROCESS, target.pid)}"
+            return f"nice = {nice} not set ({exc.strerror}); it stays {target.nice()}"
+        target.alive()
     return None
 
 
@@ -198,58 +241,105 @@ def _read_swappiness(target: OwnedProcess) -> int | None:
 
 def _set_swappiness(target: OwnedProcess, value: int) -> str | None:
     """cgroup v1 keeps a swappiness per memory cgroup, used for its pages in global reclaim too: the model is
-    moved into its own child cgroup (`autoglm-model-<pid>`, limits of the parent still apply) with `value`.
-    Pages charged before the move stay with the old cgroup (6.18 has no charge moving), so launch asks right
-    after exec, before the weights are loaded."""
+    moved into a new child cgroup of its own with `value` (limits of the parent still apply). Pages charged
+    before the move stay with the old cgroup (6.18 has no charge moving), so launch asks right after exec,
+    before the weights are loaded.
+
+    The new cgroup is made in the process's cgroup or, when that is one of ours, beside it: never inside one of
+    ours, so a chain of processes cannot nest them. Its name records the owner, the PID and the start time, so
+    no other process has the same one; a directory that exists is never joined; a user has at most
+    MEMCGS_PER_UID in use."""
     path = _memcg(target)
     if path is None:
         return (f"swappiness = {value} for the model not set: it needs the cgroup v1 memory controller (on cgroup v2 "
                 "the model's systemd unit gets MemoryLow= instead)")
-    remove_stale_cgroups()
-    own = f"{MODEL_UNIT_PREFIX}{target.pid}"
-    current = f"{MEMCG_V1}{path.rstrip('/')}"
-    base = current if os.path.basename(current) == own else f"{current}/{own}"
-    try:
-        os.makedirs(base, exist_ok=True)
-        with open(f"{base}/memory.swappiness", "w") as fh:
-            fh.write(str(value))
-        target.alive()
-        if base != current:
-            with open(f"{base}/cgroup.procs", "w") as fh:  # v1: moves every thread of the process
-                fh.write(str(target.pid))
-    except ProcessLookupError:
-        raise
-    except OSError as exc:  # e.g. the sandboxed helper unit sees /sys/fs/cgroup read-only
-        return f"swappiness = {value} for the model not set ({exc.strerror}); it stays in {path}"
+    parent = f"{MEMCG_V1}{path.rstrip('/')}"
+    while MEMCG_NAME.fullmatch(os.path.basename(parent)):
+        parent = os.path.dirname(parent)
+    own = f"{parent}/{MODEL_UNIT_PREFIX}{target.uid}-{target.pid}-{target.start}"
+    with _memcg_lock:
+        owned = [p for p in remove_stale_cgroups() if _memcg_owner(p) == target.uid]
+        if len(owned) >= MEMCGS_PER_UID:
+            return (f"swappiness = {value} for the model not set: uid {target.uid} has {len(owned)} model memory "
+                    f"cgroups in use, and {MEMCGS_PER_UID} is the limit (one per running model; end one first)")
+        try:
+            os.mkdir(own)  # not exist_ok: a directory that is there already is never joined
+        except FileExistsError:
+            return (f"swappiness = {value} for the model not set: {own.removeprefix(MEMCG_V1)} exists already "
+                    "(a memory cgroup is never reused)")
+        except OSError as exc:  # e.g. the sandboxed helper unit sees /sys/fs/cgroup read-only
+            return f"swappiness = {value} for the model not set ({exc.strerror}); it stays in {path}"
+        try:
+            with open(f"{own}/memory.swappiness", "w") as fh:
+                fh.write(str(value))
+            _join(target, own, parent)
+        except ProcessLookupError:
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # else removed as stale on a later call
+                os.rmdir(own)
+            return f"swappiness = {value} for the model not set ({exc.strerror}); it stays in {path}"
     return None
 
 
+def _join(target: OwnedProcess, cgroup: str, parent: str) -> None:
+    """Move the process (every thread) into the new `cgroup`. cgroup.procs takes a number: the pidfd is probed
+    right before and right after the write. Had the process ended in between, whatever the write moved took its
+    number in that instant; it goes to `parent` (the model's former cgroup) and the new cgroup is removed."""
+    try:
+        target.alive()
+        with open(f"{cgroup}/cgroup.procs", "w") as fh:
+            fh.write(str(target.pid))
+        target.alive()
+    except ProcessLookupError:
+        with open(f"{cgroup}/cgroup.procs") as fh:
+            taken = fh.read().split()
+        for pid in taken:
+            with contextlib.suppress(ProcessLookupError), open(f"{parent}/cgroup.procs", "w") as fh:
+                fh.write(pid)
+        with contextlib.suppress(OSError):  # else removed as stale on a later call
+            os.rmdir(cgroup)
+        raise
+
+
+def _memcg_owner(path: str) -> int | None:
+    match = MEMCG_NAME.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
 def remove_stale_cgroups() -> list[str]:
-    """Empty `autoglm-model-*` memory cgroups left by models that have ended (rmdir fails on busy ones)."""
-    removed = []
-    for dirpath, dirnames, _ in os.walk(MEMCG_V1, topdown=False):
-        if os.path.basename(dirpath).startswith(MODEL_UNIT_PREFIX) and not dirnames:
+    """Remove the model memory cgroups whose models have ended (rmdir fails on one in use); return those in use."""
+    in_use = []
+    for dirpath, _, _ in os.walk(MEMCG_V1, topdown=False):
+        if _memcg_owner(dirpath) is not None:
             try:
                 os.rmdir(dirpath)
-                removed.append(dirpath)
             except OSError:  # still in use
-                continue
-    return removed
+                in_use.append(dirpath)
+    return in_use
 
 
 def set_process(pid: int, caller_uid: int, request: dict[str, int], dry_run: bool, proc: str = "/proc") -> Report:
-    """Apply `request` to the caller's process; each setting is read back. A refusal is a warning, not an error:
-    the model runs either way. Not journaled: the settings end with the process."""
+    """Apply `request` to the caller's process `pid` (see apply_settings)."""
     target = OwnedProcess(pid, caller_uid, proc)
     try:
-        readers = {"nice": lambda: os.getpriority(os.PRIO_PROCESS, pid),
-                   "oom_score_adj": lambda: int(target.read("oom_score_adj")),
-                   "swappiness": lambda: _read_swappiness(target)}
-        writers = {"nice": _set_nice, "oom_score_adj": _set_oom, "swappiness": _set_swappiness}
-        changes, warnings = [], []
+        return apply_settings(target, request, dry_run)
+    finally:
+        target.close()
+
+
+def apply_settings(target: OwnedProcess, request: dict[str, int], dry_run: bool) -> Report:
+    """Apply `request` to the pinned process; each setting is read back. A refusal is a warning, not an error:
+    the model runs either way. Not journaled: the settings end with the process."""
+    readers = {"nice": target.nice,
+               "oom_score_adj": lambda: int(target.read("oom_score_adj")),
+               "swappiness": lambda: _read_swappiness(target)}
+    writers = {"nice": _set_nice, "oom_score_adj": _set_oom, "swappiness": _set_swappiness}
+    changes, warnings = [], []
+    try:
         for name, value in request.items():
             old = readers[name]()
-            target.alive()  # the PID still names the pinned process: nothing else is written to
+            target.alive()
             problem = None if dry_run or old == value else writers[name](target, value)
             new = old if dry_run else readers[name]()
             if problem:
@@ -258,10 +348,8 @@ def set_process(pid: int, caller_uid: int, request: dict[str, int], dry_run: boo
             changes.append({"subject": name, "old": old, "target": value, "new": new, "state": state})
         target.alive()
     except ProcessLookupError:
-        raise _bad("pid", f"process {pid} ended", f"the PID of a running process of uid {caller_uid}") from None
-    finally:
-        target.close()
-    return {"result": "dry-run" if dry_run else "set", "pid": pid, "changes": changes, "warnings": warnings}
+        raise _bad("pid", f"process {target.pid} ended", target.allowed) from None
+    return {"result": "dry-run" if dry_run else "set", "pid": target.pid, "changes": changes, "warnings": warnings}
 
 
 # ---- StartModel / StopModel ---------------------------------------------------------------------
@@ -322,8 +410,28 @@ def unit_name(uid: int, port: int) -> str:
     return f"{MODEL_UNIT_PREFIX}{uid}-{port}.service"
 
 
-def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> list[list[Any]]:
-    """StartTransientUnit's a(sv) for `req`, run as `uid`. Pure."""
+def caller_session(pid: int | None, uid: int) -> str | None:
+    """The logind session scope the caller runs in (session-ID.scope in user-UID.slice), from its cgroup in
+    systemd's hierarchy; None without one (a cron job, a service, a shell that pam_systemd did not register)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:  # the caller has gone
+        return None
+    scope = re.compile(SESSION_SCOPE.format(uid=uid))  # another uid's session (a PID reused) does not match
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        match = scope.search(path) if controllers in ("", "name=systemd") else None
+        if match:
+            return match.group(1)
+    return None
+
+
+def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None, session: str | None = None
+                    ) -> list[list[Any]]:
+    """StartTransientUnit's a(sv) for `req`, run as `uid`, bound to the caller's `session` scope if any. Pure."""
     mask = sum(1 << c for c in req["cpus"])
     argv = [a.replace("$", "$$") for a in req["argv"]]  # systemd expands $NAME in ExecStart= arguments
     props: list[list[Any]] = [
@@ -337,7 +445,17 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> 
         ["NoNewPrivileges", Variant("b", True)],
         ["CollectMode", Variant("s", "inactive-or-failed")],
         ["TimeoutStopUSec", Variant("t", STOP_TIMEOUT_US)],
+        # In the user's slice, not system.slice: what limits the user's sessions (user-.slice.d, TasksMax=33% by
+        # default, or the admin's MemoryMax=) limits the model too, with nice -10 and LimitMEMLOCK or not.
+        ["Slice", Variant("s", f"user-{uid}.slice")],
+        ["TasksMax", Variant("t", TASKS_MAX)],
     ]
+    if session is not None:
+        # BindsTo= + After= the caller's session scope: the model is stopped when the session's scope stops (at
+        # logout with KillUserProcesses=yes, else once its last process is gone) and before it. Transient units
+        # take dependencies as properties; a scope cannot be started, so BindsTo= never pulls one up. Not
+        # PartOf=user@UID.service: lingering keeps the user's manager running past every session.
+        props += [["BindsTo", Variant("as", [session])], ["After", Variant("as", [session])]]
     simple = {"sched_policy": ("CPUSchedulingPolicy", "i", SCHED_NUMBERS.get),
               "nice": ("Nice", "i", int), "io_class": ("IOSchedulingClass", "i", IO_CLASS_NUMBERS.get),
               "io_priority": ("IOSchedulingPriority", "i", int), "oom_score_adj": ("OOMScoreAdjust", "i", int),
@@ -353,7 +471,8 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None) -> 
     return props
 
 
-def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: int | None) -> Report:
+def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: int | None,
+                caller_pid: int | None) -> Report:
     """Start the transient unit, wait for its job, and read back what the process got."""
     if systemd is None:
         raise HelperError("NotSupported", "systemd is not PID 1 on this machine; allowed: launch without a unit")
@@ -363,7 +482,7 @@ def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: 
     if running and uid != 0:  # the bounds hold per user, not per unit
         raise _bad("port", f"{running[0]} is already running: one model unit per user",
                    f"stop it first: systemctl stop {running[0]}")
-    props = unit_properties(req, uid, 0 if log_fd is not None else None)
+    props = unit_properties(req, uid, 0 if log_fd is not None else None, caller_session(caller_pid, uid))
     try:
         systemd.start_transient(unit, props, [log_fd] if log_fd is not None else [])
     except FileExistsError:
@@ -375,10 +494,9 @@ def start_model(systemd: Systemd | None, req: dict[str, Any], uid: int, log_fd: 
         result = systemd.unit_property(unit, "org.freedesktop.systemd1.Service", "Result")
         raise HelperError("Failed", f"{unit} did not start ({state}, result {result}); see the model log")
     warnings = []
-    nice = os.getpriority(os.PRIO_PROCESS, pid)
     target = OwnedProcess(pid, uid)
     try:
-        oom = int(target.read("oom_score_adj"))
+        nice, oom = target.nice(), int(target.read("oom_score_adj"))
     finally:
         target.close()
     if "nice" in req and nice != req["nice"]:

@@ -275,7 +275,7 @@ class Helper:
                                       "open for writing")
                 request = model.unit_request(body[0], os.cpu_count() or 1, model.mem_total())
                 return await asyncio.to_thread(model.start_model, self.engine.systemd, request, uid,
-                                               fds[body[1]])
+                                               fds[body[1]], caller["pid"])
             if msg.member == "Apply":
                 return await asyncio.to_thread(self.engine.apply, body[0], body[1], body[2], caller)
             return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])

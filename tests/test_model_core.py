@@ -19,8 +19,10 @@ GOOD = {"argv": ["/usr/bin/llama-server", "-m", "/m.gguf"], "environment": {"OMP
 
 def test_unit_request_and_properties() -> None:
     req = model.unit_request(json.dumps(GOOD), cpu_count=4, mem_total=8 * GIB)
-    props = {name: value for name, value in model.unit_properties(req, 1000, 0)}
+    props = {name: value for name, value in model.unit_properties(req, 1000, 0, "session-3.scope")}
     assert props["User"].value == "1000" and props["NoNewPrivileges"].value is True
+    assert props["Slice"].value == "user-1000.slice" and props["TasksMax"].value == model.TASKS_MAX
+    assert props["BindsTo"].value == props["After"].value == ["session-3.scope"]
     assert props["ExecStart"].value == [["/usr/bin/llama-server", GOOD["argv"], False]]
     assert props["CPUAffinity"].value == bytes([0b1100])
     assert props["CPUSchedulingPolicy"].value == 3 and props["Nice"].value == -5
@@ -38,7 +40,10 @@ def test_unit_request_and_properties() -> None:
         "TimeoutStopUSec": "t", "CPUSchedulingPolicy": "i", "Nice": "i", "IOSchedulingClass": "i",
         "IOSchedulingPriority": "i", "OOMScoreAdjust": "i", "MemoryLow": "t", "LimitMEMLOCK": "t",
         "LimitMEMLOCKSoft": "t", "StandardOutputFileDescriptor": "h", "StandardErrorFileDescriptor": "h",
+        "Slice": "s", "TasksMax": "t", "BindsTo": "as", "After": "as",
     }  # systemd's types for each property (org.freedesktop.systemd1(5))
+    unbound = {n for n, _ in model.unit_properties(req, 1000, 0)}  # a caller outside any session
+    assert "Slice" in unbound and "TasksMax" in unbound and not unbound & {"BindsTo", "After"}
     dollar = model.unit_request(json.dumps({**GOOD, "argv": ["/bin/echo", "$HOME"]}), 4, 8 * GIB)
     exec_start = {n: v for n, v in model.unit_properties(dollar, 1, None)}["ExecStart"].value
     assert exec_start == [["/bin/echo", ["/bin/echo", "$$HOME"], False]]  # systemd would expand $HOME

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 from autoglm_helper.catalogue import MODEL_UNIT_PREFIX
+from autoglm_helper.model import TASKS_MAX
 from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from autoglm_tune import gguf
 from container import CLI, Client, Container
@@ -26,6 +28,7 @@ from support import CAP_SYS_RESOURCE, free_port, has_capability
 ROOT = Path(__file__).resolve().parents[2]
 USER, GROUP = "agt-model-user", "autoglm"
 OUTSIDER = "agt-model-outsider"  # not in the group and without a session: polkit does not allow it
+PAM_SERVICE = "agt-model-session"  # a PAM stack that only registers a logind session (pam_systemd)
 LLAMA_PYTHON = Path(os.environ.get("AUTOGLM_LLAMA_VENV", "/opt/autoglm-llama-venv")) / "bin" / "python"
 VOCAB = Path(os.environ.get("AUTOGLM_LLAMA_CACHE", "/opt/llama-build")) / "vocab" / "ggml-vocab-llama-spm.gguf"
 WORK = "/srv/agt-model"  # inside the container (the overlay's upper directory)
@@ -41,6 +44,8 @@ def model_user(container: Container) -> Iterator[int]:
     rules = container.path("/etc/polkit-1/rules.d/50-autoglm-tune.rules")
     shutil.copy(ROOT / "systemd/polkit/50-autoglm-tune.rules", rules)
     rules.chmod(0o644)
+    pam = container.path(f"/etc/pam.d/{PAM_SERVICE}")
+    pam.write_text("auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_systemd.so\n")
     work = container.path(WORK)
     (work / "etc").mkdir(parents=True)
     work.chmod(0o777)
@@ -53,18 +58,24 @@ def model_user(container: Container) -> Iterator[int]:
         container.run("pkill", "-KILL", "-u", user, check=False)
         container.run("userdel", user, check=False)
     rules.unlink()
+    pam.unlink()
     shutil.rmtree(work, ignore_errors=True)
 
 
-def launcher(container: Container, uid: int, policy: dict, *extra: str, log: str = "model.log"
-             ) -> subprocess.Popen[str]:
+def launcher(container: Container, uid: int, policy: dict, *extra: str, log: str = "model.log",
+             session: bool = False) -> subprocess.Popen[str]:
+    """`autoglm-tune launch` as `uid` inside the container; with `session`, in a logind session of its own: a
+    transient service with PAMName= (pam_systemd registers a session and moves the process into its
+    session-ID.scope in user-UID.slice, as a login does)."""
     path = container.path(f"{WORK}/policy.toml")
     path.write_text(tomli_w.dumps(policy))
     path.chmod(0o644)
-    argv = ["nsenter", "-t", str(container.leader), "-a", "setpriv", f"--reuid={uid}", f"--regid={uid}",
-            "--init-groups", "env", f"AUTOGLM_TUNE_ETC={WORK}/etc", f"HOME={WORK}", "PATH=/usr/bin:/bin",
-            CLI, "launch", "--policy", f"{WORK}/policy.toml", "--json",
-            "--log", f"{WORK}/{log}", *extra]
+    command = ["env", f"AUTOGLM_TUNE_ETC={WORK}/etc", f"HOME={WORK}", "PATH=/usr/bin:/bin",
+               CLI, "launch", "--policy", f"{WORK}/policy.toml", "--json", "--log", f"{WORK}/{log}", *extra]
+    user = (["systemd-run", "--quiet", "--pipe", "--wait", "--collect", f"--uid={uid}", "-p",
+             f"PAMName={PAM_SERVICE}", "--"] if session else
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups"])
+    argv = ["nsenter", "-t", str(container.leader), "-a", *user, *command]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -72,9 +83,9 @@ def inside(container: Container, *argv: str) -> str:
     return container.run(*argv).stdout
 
 
-def show(container: Container, unit: str) -> dict[str, str]:
-    props = "User,CPUAffinity,Nice,CPUSchedulingPolicy,IOSchedulingClass,OOMScoreAdjust,MemoryHigh,LimitMEMLOCK," \
-            "MainPID,ActiveState,NoNewPrivileges"
+def show(container: Container, unit: str,
+         props: str = "User,CPUAffinity,Nice,CPUSchedulingPolicy,IOSchedulingClass,OOMScoreAdjust,MemoryHigh,"
+                      "LimitMEMLOCK,MainPID,ActiveState,NoNewPrivileges,Slice,TasksMax,BindsTo") -> dict[str, str]:
     text = inside(container, "systemctl", "show", unit, "-p", props)
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
@@ -114,6 +125,9 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         assert props["CPUAffinity"] == "0" and props["Nice"] == "-5"
         assert props["CPUSchedulingPolicy"] == "3" and props["IOSchedulingClass"] == "3"
         assert props["OOMScoreAdjust"] == "-400" and props["MemoryHigh"] == str(768 << 20)
+        # the user's limits hold for it, not system.slice's; the launcher is in no session here: nothing to bind to
+        assert props["Slice"] == f"user-{uid}.slice" and props["TasksMax"] == str(TASKS_MAX)
+        assert props["BindsTo"] == ""
         model_file = container.path(f"{WORK}/tiny.gguf")
         need = model_file.stat().st_size + gguf.model_shape(gguf.read_metadata(model_file), "tiny").kv_cache_bytes(256)
         mem_total = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
@@ -254,3 +268,54 @@ def test_a_user_polkit_refuses_gets_the_model_as_a_child_under_auto(container: C
     warnings = [x for x in err.splitlines() if "starting the model as a child of autoglm-tune" in x]
     assert len(warnings) == 1 and warnings[0].startswith("autoglm-tune: warning: "), err
     assert container.run("pgrep", "-u", str(uid), check=False).stdout == ""
+
+
+SERVER = """
+import http.server, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
+"""
+
+
+def test_model_unit_is_bound_to_the_callers_login_session(container: Container, model_user: int) -> None:
+    """Finding 4 of issue 14: a caller in a logind session gets a unit in its user slice, with TasksMax, bound to
+    that session's scope (BindsTo= + After=, as systemd reports them). Killed with SIGKILL, the launcher cannot
+    stop the unit, but its session ends with it, and the unit is stopped with the session's scope."""
+    uid, port = model_user, free_port()
+    unit = f"{MODEL_UNIT_PREFIX}{uid}-{port}.service"
+    server = container.path(f"{WORK}/server.py")
+    server.write_text(SERVER)
+    server.chmod(0o644)
+    policy = {"process": {"cpus": [0], "nice": 0},
+              "model": {"preset": "llama-server", "port": port, "supervisor": "systemd", "keep_resident": "none",
+                        "ready_timeout_s": 60}}
+    proc = launcher(container, uid, policy, "--", "/usr/bin/python3", f"{WORK}/server.py", str(port),
+                    log="session.log", session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        assert json.loads(line)["unit"] == unit
+        props = show(container, unit, "Slice,TasksMax,BindsTo,After,ActiveState")
+        session = props["BindsTo"]
+        assert re.fullmatch(r"session-[A-Za-z0-9]+\.scope", session), props
+        assert session in props["After"].split(), props
+        assert props["Slice"] == f"user-{uid}.slice" and props["TasksMax"] == str(TASKS_MAX), props
+        assert show(container, session, "Slice,ActiveState") == {"Slice": f"user-{uid}.slice", "ActiveState": "active"}
+        name = inside(container, "loginctl", "show-session", session[len("session-"):-len(".scope")], "-p", "Name",
+                      "--value")
+        assert name.strip() == USER  # a session of logind's, the caller's own
+        container.run("pkill", "-KILL", "-u", str(uid), "-f", "autoglm-tune launch")
+        deadline = time.monotonic() + 30
+        while (state := container.run("systemctl", "is-active", unit, check=False).stdout.strip()) not in (
+                "inactive", "unknown") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert state in ("inactive", "unknown"), show(container, session, "ActiveState,SubState")
+    finally:
+        container.run("pkill", "-KILL", "-u", str(uid), "-f", "autoglm-tune launch", check=False)
+        proc.communicate(timeout=60)
+        container.run("systemctl", "stop", unit, check=False)
