@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
+
+# A suite started in the background by a non-interactive shell (`./.ci/run &`, nohup) inherits SIGINT ignored, and
+# so would every CLI it starts: its Ctrl-C tests would then test nothing a user's terminal does. A handler here is
+# reset to the default in each child at exec, as a terminal's shell gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _skipped: list[str] = []
 
