@@ -51,7 +51,7 @@ MEMCGS_PER_UID = 4  # in-use model memory cgroups one user may have: each is a r
 _memcg_lock = threading.Lock()  # SetProcess calls run in worker threads: the count and the mkdir go together
 STOP_TIMEOUT_US = 10_000_000
 TASKS_MAX = 1024  # a model server's threads (compute ≤ CPUs, HTTP workers, a tokenizer pool), not a fork loop
-SESSION_SCOPE = r"/user-{uid}\.slice/(session-[A-Za-z0-9]+\.scope)(?:/|$)"  # a logind session's cgroup
+SESSION_SCOPE = r"/user\.slice/user-{uid}\.slice/(session-[A-Za-z0-9]+\.scope)(?:/|$)"  # logind's, from the root
 
 
 def _echo(value: object) -> str:
@@ -423,7 +423,7 @@ def caller_session(pid: int | None, uid: int) -> str | None:
     scope = re.compile(SESSION_SCOPE.format(uid=uid))  # another uid's session (a PID reused) does not match
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        match = scope.search(path) if controllers in ("", "name=systemd") else None
+        match = scope.match(path) if controllers in ("", "name=systemd") else None  # anchored: no look-alike below
         if match:
             return match.group(1)
     return None

@@ -211,6 +211,13 @@ class Systemd:
                                  "where a mask cannot be put", "disabled")
         step["links"] = self.links(unit, runtime=False)
         step["runtime_links"] = self.links(unit, runtime=True)
+        for path, dest in {**step["links"], **step["runtime_links"]}.items():
+            try:  # a link no systemd call can put back is refused now, not found out at rollback
+                link_request(unit, path, dest)
+            except OSError as exc:
+                raise CatalogueError(f"{where}.unit", str(exc),
+                                     "units whose links are [Install] links: .wants/.requires, an alias, a linked "
+                                     "unit file") from None
         step["active"] = self.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
 
     def read(self, step: Step) -> str | None:
@@ -244,8 +251,11 @@ class Systemd:
         if touched:
             self.manager("Reload")
         wrong = [path for path, dest in missing.items() if not same_file(path, dest)]
-        if wrong:
-            raise OSError(f"{unit}: systemd did not put back " + ", ".join(wrong) + " as recorded")
+        recorded = {**step["links"], **step["runtime_links"]}
+        extra = [p for p in {**self.links(unit, runtime=False), **self.links(unit, runtime=True)} if p not in recorded]
+        if wrong or extra:  # EnableUnitFiles writes every [Install] link, also those that were not there before
+            raise OSError(f"{unit}: systemd did not put back its links as recorded: "
+                          + ", ".join([*(f"{p} missing" for p in wrong), *(f"{p} added" for p in extra)]))
         live = self.unit_property(unit, "org.freedesktop.systemd1.Unit", "ActiveState")
         if step["active"] in RUNNING and live not in RUNNING:
             self.run_job("StartUnit", unit)

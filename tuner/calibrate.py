@@ -63,7 +63,11 @@ def find_llama_bench(given: Path | None, program: str) -> Path:
 
 
 def check_output(path: Path) -> None:
-    """BadInput unless a file can be made in the drop-in's directory (tried, then removed)."""
+    """BadInput unless a policy file can be made there: a .toml name (what the drop-in is written as, and what
+    policy.d reads), not a directory, in a directory where a file can be made (tried, then removed)."""
+    if path.suffix != ".toml" or path.is_dir():
+        raise BadInput(f"-o {path}: not a .toml file name; allowed: a file such as "
+                       "/etc/autoglm-tune/policy.d/50-calibrated.toml")
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
             pass
@@ -228,7 +232,10 @@ def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | No
     )
     text = core.drop_in(result)
     if output is not None:
-        write_atomically(output, text)
+        try:
+            write_atomically(output, text)
+        except OSError as exc:
+            raise BadInput(f"-o {output}: cannot write the drop-in ({exc.strerror}); nothing was written") from None
         err.write(f"calibrate: wrote {output}\n")
     if json_out:
         return json.dumps({**result.to_dict(), "drop_in": text, "output": str(output) if output else None},

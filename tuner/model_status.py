@@ -19,6 +19,7 @@ from autoglm_helper.catalogue import IO_CLASS_NUMBERS
 
 from .procsettings import cpu_ranges
 
+SCHED_RESET_ON_FORK = 0x40000000  # a flag sched_getscheduler may OR into the policy
 SCHED_NAMES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
 IO_CLASS_NAMES = {number: name for name, number in IO_CLASS_NUMBERS.items()}
 
@@ -59,7 +60,7 @@ def read_process(pid: int, proc: str = "/proc") -> dict[str, Any] | None:
                 memory = p.memory_full_info()  # swap and USS from smaps: the owner's (or root's) to read
             except psutil.AccessDenied:
                 memory = p.memory_info()
-        policy = os.sched_getscheduler(pid)
+        policy = os.sched_getscheduler(pid) & ~SCHED_RESET_ON_FORK
         status = Path(f"{proc}/{pid}/status").read_text()
         oom = int(Path(f"{proc}/{pid}/oom_score_adj").read_text())
     except (psutil.Error, OSError, ValueError):

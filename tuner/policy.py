@@ -333,7 +333,7 @@ def show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, dict):
-        return json.dumps(value)
+        return json.dumps(value, default=str)  # TOML dates and times have no JSON form
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -435,7 +435,10 @@ def policy_files(explicit: Path | None, etc_dir: Path | None = None) -> list[Pat
     files = [etc / "policy.toml"] if (etc / "policy.toml").is_file() else []
     drop_ins = etc / "policy.d"
     if drop_ins.is_dir():
-        files += sorted(p for p in drop_ins.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
+        try:
+            files += sorted(p for p in drop_ins.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
+        except OSError as exc:
+            raise BadInput(f"{drop_ins}: cannot read the policy drop-ins ({exc.strerror})") from None
     if explicit is not None:
         files.append(explicit)
     return files

@@ -4,6 +4,7 @@ mask, and exact restore of every enablement state; never-touch and bad input ref
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -222,3 +223,52 @@ def test_polkit_decides_for_unprivileged_callers(container: Container, client: C
         plan_file.unlink()
     ok(client, "Rollback", report["txid"], False, False)
     assert snapshot(container, client, "agt-static.service") == before
+
+
+def test_a_link_no_systemd_call_can_put_back_is_refused_before_anything_changes(container: Container,
+                                                                                  client: Client) -> None:
+    """An .upholds link (systemd 249+) has no Manager call that writes it again: the unit is refused at the check,
+    in the dry-run already, instead of being found out at rollback."""
+    unit = "agt-enabled.service"
+    link = container.path(f"/etc/systemd/system/multi-user.target.upholds/{unit}")
+    link.parent.mkdir()
+    link.symlink_to(f"/usr/lib/systemd/system/{unit}")
+    container.run("systemctl", "daemon-reload")
+    try:
+        before = snapshot(container, client, unit)
+        assert f"/etc/systemd/system/multi-user.target.upholds/{unit}" in before["links"]
+        name, text = error(client, "Apply", plan(unit_change(unit, "enabled", "disabled")), True, False)
+        assert name == ERROR_PREFIX + "InvalidArgs" and "no systemd call recreates" in text, text
+        assert snapshot(container, client, unit) == before
+    finally:
+        link.unlink()
+        link.parent.rmdir()
+        container.run("systemctl", "daemon-reload")
+
+
+def test_a_restore_that_would_add_links_says_so(container: Container, client: Client) -> None:
+    """Only an alias left (the admin removed the unit's wants link): disabling removes the alias, and putting it
+    back by EnableUnitFiles writes the wants link too. The rollback says so rather than claim it is exact."""
+    unit, alias = "agt-twofold.service", "agt-twofold-alias.service"
+    container.path(f"/usr/lib/systemd/system/{unit}").write_text(
+        "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\nAlias=" + alias + "\n")
+    container.run("systemctl", "daemon-reload")
+    container.run("systemctl", "enable", unit)
+    container.path(f"/etc/systemd/system/multi-user.target.wants/{unit}").unlink()
+    container.run("systemctl", "daemon-reload")
+    try:
+        before = snapshot(container, client, unit)
+        assert list(before["links"]) == [f"/etc/systemd/system/{alias}"], before["links"]
+        report = ok(client, "Apply", plan(unit_change(unit, before["state"], "disabled")), False, False)
+        assert report["result"] == "committed"
+        back = ok(client, "Rollback", report["txid"], False, False)
+        assert back["result"] == "conflict", back
+        wants = f"/etc/systemd/system/multi-user.target.wants/{unit}"
+        assert os.path.lexists(container.path(wants))  # what EnableUnitFiles wrote besides the alias
+        status = ok(client, "Status")
+        tx = next(t for t in status["transactions"] if t["txid"] == report["txid"])
+        assert tx["state"] == "conflict", tx
+    finally:
+        container.run("systemctl", "disable", unit, check=False)
+        container.path(f"/usr/lib/systemd/system/{unit}").unlink()
+        container.run("systemctl", "daemon-reload")
