@@ -77,7 +77,7 @@ def test_process_settings_as_the_kernel_has_them() -> None:
 
     def settle() -> None:
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH | os.SCHED_RESET_ON_FORK, os.sched_param(0))  # flag ORed in
         os.nice(5)
 
     proc = subprocess.Popen(["ionice", "-c", "3", sys.executable, "-c", "import time; b = b'x' * (64 << 20); "

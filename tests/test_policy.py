@@ -200,3 +200,9 @@ def test_an_oversized_policy_is_refused_before_it_is_parsed(etc: Path, tmp_path:
     path = write(tmp_path, "huge.toml", "# " + "x" * (1 << 20) + "\n")
     with pytest.raises(BadInput, match=r"more than 1048576 bytes; allowed: a policy file of at most 1048576 bytes"):
         load_policy(path, etc)
+
+
+def test_a_toml_date_in_a_bad_value_is_one_line(etc: Path, tmp_path: Path) -> None:
+    path = write(tmp_path, "dated.toml", "[vm]\nswappiness = { a = 1979-05-27 }\n")
+    with pytest.raises(BadInput, match=r'\[vm\] swappiness = \{"a": "1979-05-27"\}'):
+        load_policy(path, etc)

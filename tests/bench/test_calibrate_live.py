@@ -149,6 +149,8 @@ def sparse_model(place: Path) -> Path:
         ("budget too short", "autoglm-tune: error: --budget 2s: too short to measure"),
         ("not writable", "autoglm-tune: error: -o {place}/etc/policy.d/50-calibrated.toml: the directory "
                          "{place}/etc/policy.d is not writable (Permission denied)"),
+        ("a .json name", "autoglm-tune: error: -o {place}/etc/policy.d/50-calibrated.json: not a .toml file name"),
+        ("a directory", "autoglm-tune: error: -o {place}/etc/policy.d.toml: not a .toml file name"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
@@ -162,6 +164,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
         args = ["--model", str(sparse_model(place)), "-o", str(drop_in)]
     elif case == "budget too short":
         args += ["--budget", "2s"]
+    elif case == "a .json name":  # policy.d would read TOML text as JSON and fail every later plan
+        args = ["--model", str(model), "-o", str(drop_in.with_suffix(".json"))]
+    elif case == "a directory":
+        (place / "etc" / "policy.d.toml").mkdir()
+        args = ["--model", str(model), "-o", str(place / "etc" / "policy.d.toml")]
     else:
         user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # nobody, in root's 0755 policy.d
     done = calibrate(place, llama_server.with_name("llama-bench"), *args, user=user, timeout=60)
