@@ -65,9 +65,9 @@ def find_llama_bench(given: Path | None, program: str) -> Path:
 def check_output(path: Path) -> None:
     """BadInput unless a policy file can be made there: a .toml name (what the drop-in is written as, and what
     policy.d reads), not a directory, in a directory where a file can be made (tried, then removed)."""
-    if path.suffix != ".toml" or path.is_dir():
-        raise BadInput(f"-o {path}: not a .toml file name; allowed: a file such as "
-                       "/etc/autoglm-tune/policy.d/50-calibrated.toml")
+    problem = "is a directory" if path.is_dir() else "not a .toml file name" if path.suffix != ".toml" else ""
+    if problem:
+        raise BadInput(f"-o {path}: {problem}; allowed: a file such as /etc/autoglm-tune/policy.d/50-calibrated.toml")
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
             pass

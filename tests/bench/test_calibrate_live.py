@@ -150,7 +150,7 @@ def sparse_model(place: Path) -> Path:
         ("not writable", "autoglm-tune: error: -o {place}/etc/policy.d/50-calibrated.toml: the directory "
                          "{place}/etc/policy.d is not writable (Permission denied)"),
         ("a .json name", "autoglm-tune: error: -o {place}/etc/policy.d/50-calibrated.json: not a .toml file name"),
-        ("a directory", "autoglm-tune: error: -o {place}/etc/policy.d.toml: not a .toml file name"),
+        ("a directory", "autoglm-tune: error: -o {place}/etc/policy.d.toml: is a directory"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(
