@@ -265,3 +265,11 @@ def test_a_partial_or_bad_calibration_is_refused_naming_the_key(model: Path, etc
     with pytest.raises(BadInput, match=r'\[calibration\] cpus = "auto": .* allowed: a list of CPU numbers'):
         load_policy(None, etc)
 
+
+
+def test_a_difference_inside_the_band_is_a_tie_even_when_decided() -> None:
+    """Many rounds can show a 1 % difference beyond doubt; for the choice it is still a tie (the simpler wins)."""
+    assert core.verdict({"low": 0.985, "high": 0.995}) == "same"
+    assert core.verdict({"low": 1.005, "high": 1.02}) == "same"
+    assert core.verdict({"low": 0.90, "high": 0.96}) == "slower"
+    assert core.verdict({"low": 0.95, "high": 1.10}) == "undecided"

@@ -124,12 +124,12 @@ def verdict(interval: dict[str, Any]) -> str:
     low, high = interval.get("low"), interval.get("high")
     if low is None or high is None:
         return "undecided"
+    if low >= 1 / (1 + EQUIVALENT) and high <= 1 + EQUIVALENT:  # first: 0.99× [0.985–0.995] is a tie, not slower
+        return "same"
     if high < 1:
         return "slower"
     if low > 1:
         return "faster"
-    if low >= 1 / (1 + EQUIVALENT) and high <= 1 + EQUIVALENT:
-        return "same"
     return "undecided"
 
 
