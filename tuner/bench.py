@@ -1305,7 +1305,7 @@ def progress(err: TextIO, done: int, total: int, label: str) -> None:
 
 
 def prepare_model(model: Path | None, size: str, work: Path, context: int) -> Model:
-    from . import gguf
+    from . import gguf_header
 
     if model is None:
         model = work / "models" / f"llama-{size}-q4_0.gguf"
@@ -1320,7 +1320,7 @@ def prepare_model(model: Path | None, size: str, work: Path, context: int) -> Mo
             tmp.rename(model)
     elif not model.is_file():
         raise BadInput(f"--model {model}: no such file; allowed: the path of a GGUF model file")
-    shape = gguf.model_shape(gguf.read_metadata(model), f"--model {model}")
+    shape = gguf_header.model_shape(gguf_header.read_metadata(model), f"--model {model}")
     need = model.stat().st_size + shape.kv_cache_bytes(context)
     return Model(model, need // MIB)
 

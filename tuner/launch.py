@@ -32,7 +32,7 @@ from autoglm_helper.catalogue import ENV_NAME, MODEL_MEMORY_SHARE_MAX, MODEL_NIC
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from . import gguf, model_status, procsettings
+from . import gguf_header, model_status, procsettings
 from .errors import BadInput, TuneError
 from .planner import ProcessPlan
 from .policy import AUTO
@@ -66,7 +66,7 @@ class Machine:
     memlock_hard: int | None  # bytes; None = unlimited
     cap_eff: int  # effective capability mask
     model_bytes: int | None  # size of the model file (None: no model file)
-    shape: gguf.ModelShape | None  # from the GGUF header, when the model is a GGUF file
+    shape: gguf_header.ModelShape | None  # from the GGUF header, when the model is a GGUF file
     schedulers: dict[str, str | None]  # disks under the model file → active I/O scheduler
     mem_total: int | None = None  # bytes, MemTotal
     systemd_helper: bool = False  # systemd is PID 1 and the root helper is installed: a transient unit is possible
@@ -633,7 +633,7 @@ def gather(model_file: Path | None) -> Machine:
             with model_file.open("rb") as fh:
                 is_gguf = fh.read(4) == b"GGUF"
             if is_gguf:
-                shape = gguf.model_shape(gguf.read_metadata(model_file), str(model_file))
+                shape = gguf_header.model_shape(gguf_header.read_metadata(model_file), str(model_file))
         schedulers = procsettings.schedulers_of(str(model_file))
     return Machine(
         allowed_cpus=tuple(sorted(os.sched_getaffinity(0))),

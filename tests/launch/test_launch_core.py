@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from autoglm_tune import gguf, launch, procsettings
+from autoglm_tune import gguf_header, launch, procsettings
 from autoglm_tune.errors import BadInput
 from autoglm_tune.planner import ProcessPlan
 from autoglm_tune.policy import load_policy
@@ -16,7 +16,7 @@ from autoglm_tune.presets import load_preset, preset_names
 from hypothesis import given
 from hypothesis import strategies as st
 
-SHAPE = gguf.ModelShape(
+SHAPE = gguf_header.ModelShape(
     "llama", n_layer=4, n_embd=256, n_head=4, n_head_kv=2, head_dim_k=64, head_dim_v=64, context_length=2048
 )
 
@@ -256,9 +256,9 @@ def test_gguf_reader_handles_arrays_and_per_layer_heads(tmp_path: Path) -> None:
             ("qwen2.context_length", 10, struct.pack("<Q", 32768)),
         ],
     )
-    meta = gguf.read_metadata(path)
+    meta = gguf_header.read_metadata(path)
     assert meta["tokenizer.ggml.tokens"] is None and meta["tokenizer.ggml.scores"] is None
-    shape = gguf.model_shape(meta, str(path))
+    shape = gguf_header.model_shape(meta, str(path))
     assert (shape.n_layer, shape.n_head_kv, shape.head_dim_k, shape.context_length) == (2, 4, 64, 32768)
     assert shape.kv_cache_bytes(100) == 2 * 4 * 128 * 100 * 2
 
@@ -293,11 +293,11 @@ def test_gguf_reader_rejects_bad_files(tmp_path: Path, data: bytes, message: str
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     with pytest.raises(BadInput, match=message):
-        gguf.read_metadata(path)
+        gguf_header.read_metadata(path)
 
 
 def test_gguf_reader_on_the_generated_model(tiny_model: Path) -> None:
-    shape = gguf.model_shape(gguf.read_metadata(tiny_model), str(tiny_model))
+    shape = gguf_header.model_shape(gguf_header.read_metadata(tiny_model), str(tiny_model))
     assert shape == SHAPE
 
 

@@ -20,7 +20,7 @@ import tomli_w
 from autoglm_helper.catalogue import MODEL_UNIT_PREFIX
 from autoglm_helper.model import TASKS_MAX
 from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
-from autoglm_tune import gguf
+from autoglm_tune import gguf_header
 from container import CLI, Client, Container
 from dbus_fast import Message, MessageType
 from support import CAP_SYS_RESOURCE, free_port, has_capability
@@ -129,7 +129,8 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         assert props["Slice"] == f"user-{uid}.slice" and props["TasksMax"] == str(TASKS_MAX)
         assert props["BindsTo"] == ""
         model_file = container.path(f"{WORK}/tiny.gguf")
-        need = model_file.stat().st_size + gguf.model_shape(gguf.read_metadata(model_file), "tiny").kv_cache_bytes(256)
+        shape = gguf_header.model_shape(gguf_header.read_metadata(model_file), "tiny")
+        need = model_file.stat().st_size + shape.kv_cache_bytes(256)
         mem_total = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
                              if x.startswith("MemTotal")).split()[1]) * 1024
         assert int(props["LimitMEMLOCK"]) == min(2 * need, int(mem_total * 0.75))  # launch's rule, not a default
