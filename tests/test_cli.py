@@ -242,6 +242,19 @@ def test_diff_does_not_load_the_version_machinery() -> None:
     assert "importlib.metadata" not in proc.stderr
 
 
+def test_diff_loads_only_the_bench_command_s_options() -> None:
+    """`bench` registers its options on every start; its machinery (the autoglm_tune.bench subpackage's other
+    modules) is imported on use only."""
+    import re
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoglm_tune", "diff"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    loaded = set(re.findall(r"\|\s*(autoglm_tune\.bench\S*)$", proc.stderr, re.MULTILINE))
+    assert loaded == {"autoglm_tune.bench", "autoglm_tune.bench.cli"}
+
+
 def test_bad_plan_files_exit_2_naming_the_file(tmp_path: Path) -> None:
     from autoglm_helper.plan_schema import MAX_PLAN_BYTES
 

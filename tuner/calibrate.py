@@ -52,7 +52,7 @@ def find_llama_bench(given: Path | None, program: str) -> Path:
     found = shutil.which("llama-bench")
     if found:
         return Path(found)
-    from .bench import find_llama_server
+    from .bench.runner import find_llama_server
 
     with contextlib.suppress(BadInput):
         cached = find_llama_server(None).with_name("llama-bench")
@@ -142,7 +142,7 @@ def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s:
             err: TextIO) -> tuple[float, list[dict[str, float]], int, float]:
     """The memcpy probe, a warm-up burst, then rounds until decided or the budget is spent:
     (memcpy GB/s, rounds, tokens per burst, seconds taken)."""
-    from .bench import memcpy_gbs
+    from .bench.machine import memcpy_gbs
 
     start = time.monotonic()
     progress(err, 0, budget_s, "memcpy probe")

@@ -3,7 +3,7 @@ over interleaved rounds, the memory-bandwidth limit, the policy drop-in that rec
 such a record still describes the machine and model it was measured on. No I/O here.
 
 Decision rule: every round runs each candidate once (the order rotated round by round, so drift hits all
-alike). A comparison is the paired ratio candidate ÷ leader over the rounds (bench_stats.paired_ratio, a 95 %
+alike). A comparison is the paired ratio candidate ÷ leader over the rounds (bench.stats.paired_ratio, a 95 %
 t-interval of the log-ratio): decided when its interval excludes 1 (the candidate is slower) or lies inside
 ±EQUIVALENT (as fast, for any practical purpose). The leader has the highest geometric-mean speed. When all
 comparisons are decided, or the budget is spent, the choice is the simplest of the leader and every candidate
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bench_stats import paired_ratio
+from .bench.stats import paired_ratio
 from .facts import CpuFacts
 from .policy import ModelStamp
 from .procsettings import cpu_ranges

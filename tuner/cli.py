@@ -17,7 +17,7 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer
 
-from .bench_cli import register as register_bench
+from .bench.cli import register as register_bench
 from .calibrate_cli import register as register_calibrate
 from .cli_helper import register
 from .cli_system import register as register_system

@@ -50,7 +50,7 @@ def llama_server(llama_python: Path) -> Path:
 def tiny_model(llama_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench-models") / "tiny.gguf"
     vocab = LLAMA_CACHE / "vocab" / "ggml-vocab-llama-spm.gguf"
-    worker = ROOT / "tuner" / "bench_worker.py"
+    worker = ROOT / "tuner" / "bench" / "worker.py"
     subprocess.run([str(llama_python), str(worker), "model", "tiny", str(vocab), str(out)], check=True, timeout=300)
     return out
 
@@ -69,7 +69,7 @@ def _bench_processes() -> set[int]:
                 cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if any(m in cmdline for m in (b"bench_worker.py", b"bench-models", b"/policy-")):
+            if any(m in cmdline for m in (b"bench/worker.py", b"bench-models", b"/policy-")):
                 found.add(int(proc.name))
     return found
 
@@ -78,19 +78,19 @@ def _bench_processes() -> set[int]:
 def machine_put_back(root: None) -> Iterator[None]:
     """A safety net behind the tests' own checks: what a failing bench left changed is put back here, after the
     test has failed for it (settings, swap areas, and only the processes and cgroups that appeared meanwhile)."""
-    from autoglm_tune import bench
+    from autoglm_tune.bench import machine
 
-    paths = bench.setting_paths()
-    settings, swaps = bench.read_settings(paths), bench.read_swaps()
+    paths = machine.setting_paths()
+    settings, swaps = machine.read_settings(paths), machine.read_swaps()
     cgroups, procs = set(CGROUPS.glob("autoglm-bench-*")), _bench_processes()
     yield
     for pid in _bench_processes() - procs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-    for area in set(bench.read_swaps()) - set(swaps):
+    for area in set(machine.read_swaps()) - set(swaps):
         subprocess.run(["swapoff", area], check=False)
     for name in sorted(settings, key=lambda n: (n != "vm.nr_hugepages", n == "zswap.enabled")):
-        if bench.read_settings({name: paths[name]})[name] != settings[name]:
+        if machine.read_settings({name: paths[name]})[name] != settings[name]:
             Path(paths[name]).write_text(settings[name])
     for cg in set(CGROUPS.glob("autoglm-bench-*")) - cgroups:
         with contextlib.suppress(OSError):

@@ -6,19 +6,20 @@ import math
 from pathlib import Path
 
 import pytest
-from autoglm_tune import bench, bench_cli, policy
-from autoglm_tune import bench_stats as stats
+from autoglm_tune import policy
+from autoglm_tune.bench import cli as bench_cli
+from autoglm_tune.bench import design, machine, report, runner, stats
 from autoglm_tune.errors import BadInput
 
 
-def opts(**kw: object) -> bench.Options:
+def opts(**kw: object) -> design.Options:
     base = {"scenarios": ("heavy", "cpu"), "configs": ("limit", "untuned", "hand-tune"), "rounds": 3,
             "ram_mib": 4096, "emulate": "hugetlb", "desktop_mib": None, "tokens": 8, "context": 512, "threads": None}
-    return bench.Options(**(base | kw))  # type: ignore[arg-type]
+    return design.Options(**(base | kw))  # type: ignore[arg-type]
 
 
 def test_schedule_interleaves_every_config_once_per_round_in_rotating_order() -> None:
-    runs = bench.schedule(opts())
+    runs = design.schedule(opts())
     assert len(runs) == 2 * 3 * 3
     heavy = [r for r in runs if r.scenario == "heavy"]
     assert [r.config for r in heavy] == ["limit", "untuned", "hand-tune", "untuned", "hand-tune", "limit",
@@ -28,28 +29,28 @@ def test_schedule_interleaves_every_config_once_per_round_in_rotating_order() ->
 
 
 def test_desktop_sizes_follow_the_scenarios() -> None:
-    s = bench.SCENARIOS
-    assert bench.desktop_mib(s["heavy"], 3000, 700, None) == 3750 - 700
-    assert bench.desktop_mib(s["mild"], 3000, 700, None) == 3300 - 700
-    fits = bench.desktop_mib(s["fits"], 3000, 700, None)
+    s = design.SCENARIOS
+    assert design.desktop_mib(s["heavy"], 3000, 700, None) == 3750 - 700
+    assert design.desktop_mib(s["mild"], 3000, 700, None) == 3300 - 700
+    fits = design.desktop_mib(s["fits"], 3000, 700, None)
     assert 700 + fits / 2 == pytest.approx(0.9 * 3000) and 700 + fits > 3000  # fits only once compressed
-    assert bench.desktop_mib(s["cpu"], 3000, 700, None) == 0
-    assert bench.desktop_mib(s["heavy"], 3000, 700, 64) == 64
+    assert design.desktop_mib(s["cpu"], 3000, 700, None) == 0
+    assert design.desktop_mib(s["heavy"], 3000, 700, 64) == 64
 
 
 def test_pool_percent_is_scaled_to_the_emulated_ram() -> None:
-    assert bench.scaled_pool_percent(50, 4096, 24576) == 8
-    assert bench.scaled_pool_percent(1, 1024, 24576) == 1
-    assert bench.scaled_pool_percent(50, 24576, 24576) == 50
+    assert design.scaled_pool_percent(50, 4096, 24576) == 8
+    assert design.scaled_pool_percent(1, 1024, 24576) == 1
+    assert design.scaled_pool_percent(50, 24576, 24576) == 50
 
 
 def test_token_stats_from_arrival_times() -> None:
-    stats = bench.token_stats(10.0, [10.5, 10.6, 10.7, 11.0])
+    stats = report.token_stats(10.0, [10.5, 10.6, 10.7, 11.0])
     assert stats["tokens"] == 4 and stats["ttft_s"] == 0.5
     assert stats["tok_s"] == pytest.approx(3 / 0.5, rel=1e-3)
     assert stats["p50_ms"] == pytest.approx(100, abs=0.01) and stats["p99_ms"] == pytest.approx(300, abs=0.01)
     assert stats["gaps_ms"] == [100.0, 100.0, 300.0]
-    assert bench.token_stats(1.0, [])["tok_s"] is None
+    assert report.token_stats(1.0, [])["tok_s"] is None
 
 
 def run(scenario: str, rnd: int, config: str, value: float | None, **kw: object) -> dict[str, object]:
@@ -63,7 +64,7 @@ def test_summary_ratios_are_paired_by_round_with_an_interval() -> None:
         runs += [run("heavy", rnd, "limit", limit), run("heavy", rnd, "untuned", untuned),
                  run("heavy", rnd, "autoglm-tune", auto)]
     runs.append(run("heavy", 3, "untuned", 1.0, oom_kills=1))  # a failure: counted, not in the ratios
-    summary = bench.summarize(runs)
+    summary = report.summarize(runs)
     rows = {r["config"]: r for r in summary["rows"]}
     vs = rows["autoglm-tune"]["vs"]["untuned"]
     # per-round ratios 2.5, 2, 2.25: geometric mean 2.241, t(2) interval on the logs
@@ -80,10 +81,10 @@ def test_a_target_holds_only_when_the_lower_bound_clears_it() -> None:
     runs = []
     for rnd, ratio in enumerate([3.0, 3.1, 2.9, 3.05, 2.95]):
         runs += [run("heavy", rnd, "untuned", 1.0), run("heavy", rnd, "autoglm-tune", ratio)]
-    target = next(t for t in bench.summarize(runs)["targets"] if t["versus"] == "untuned" and t["what"] == "value")
+    target = next(t for t in report.summarize(runs)["targets"] if t["versus"] == "untuned" and t["what"] == "value")
     assert target["holds"] is True and target["interval"]["low"] >= 2.0
     one = [run("heavy", 0, "untuned", 1.0), run("heavy", 0, "autoglm-tune", 9.0)]
-    assert next(t for t in bench.summarize(one)["targets"] if t["what"] == "value")["holds"] is None
+    assert next(t for t in report.summarize(one)["targets"] if t["what"] == "value")["holds"] is None
 
 
 def test_t_quantiles_and_wilson_intervals() -> None:
@@ -97,59 +98,59 @@ def test_t_quantiles_and_wilson_intervals() -> None:
 
 
 def test_primary_figure_and_failures_per_scenario() -> None:
-    s = bench.SCENARIOS
-    assert bench.primary(s["heavy"], {"tok_s": 3.0}) == 3.0
-    assert bench.primary(s["cold"], {"ttft_s": 1.0, "load_s": 3.0}) == 0.25  # from the start to the first token
-    assert bench.primary(s["prompt"], {"ttft_s": 2.0, "load_s": 30.0}) == 0.5
-    assert bench.failed({"value": 1.0, "oom_kills": 1}) == "1 OOM kill(s)"
-    assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": False}) == "the desktop died"
-    assert bench.failed({"value": None, "error": "timeout"}) == "timeout"
-    assert bench.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": True}) is None
-    assert bench.failed({"value": 1.0, "interfered": "swap turned off"}) == "swap turned off"
+    s = design.SCENARIOS
+    assert report.primary(s["heavy"], {"tok_s": 3.0}) == 3.0
+    assert report.primary(s["cold"], {"ttft_s": 1.0, "load_s": 3.0}) == 0.25  # from the start to the first token
+    assert report.primary(s["prompt"], {"ttft_s": 2.0, "load_s": 30.0}) == 0.5
+    assert report.failed({"value": 1.0, "oom_kills": 1}) == "1 OOM kill(s)"
+    assert report.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": False}) == "the desktop died"
+    assert report.failed({"value": None, "error": "timeout"}) == "timeout"
+    assert report.failed({"value": 1.0, "oom_kills": 0, "desktop_alive": True}) is None
+    assert report.failed({"value": 1.0, "interfered": "swap turned off"}) == "swap turned off"
 
 
 def test_desktop_window_is_the_difference_of_two_snapshots() -> None:
     before = {"ops": 100, "frames": 10, "hist": [5, 5, 0, 0], "alive": [True, True]}
     after = {"ops": 700, "frames": 110, "hist": [80, 25, 0, 5], "alive": [True, True]}
-    w = bench.desktop_window(before, after, 2.0)
+    w = report.desktop_window(before, after, 2.0)
     assert w["ops_s"] == 300.0 and w["frames"] == 100 and w["frame_p99_ms"] == 4.0
     assert w["hist"] == {"0": 75, "1": 20, "3": 5} and w["alive"] is True
-    assert bench.desktop_window(before, {**after, "alive": [True, False]}, 2.0)["alive"] is False
+    assert report.desktop_window(before, {**after, "alive": [True, False]}, 2.0)["alive"] is False
 
 
 def test_policy_variants_override_the_users_policy_without_changing_it() -> None:
     base = {"process": {"nice": -5, "threads": 2}, "vm": {"swappiness": 30}}
-    variant = bench.policy_variant(base, bench.CONFIGS_BY_NAME["no-nice"])
+    variant = design.policy_variant(base, design.CONFIGS_BY_NAME["no-nice"])
     assert variant == {"process": {"nice": 0, "threads": 2}, "vm": {"swappiness": 30}}
     assert base["process"]["nice"] == -5
-    assert bench.policy_variant({}, bench.CONFIGS_BY_NAME["zswap-on"]) == {"zswap": {"enabled": True}}
-    assert bench.policy_variant(base, bench.CONFIGS_BY_NAME["kernel-only"]) == base
-    for config in bench.CONFIG_LIST:  # every override is a key the policy schema knows
+    assert design.policy_variant({}, design.CONFIGS_BY_NAME["zswap-on"]) == {"zswap": {"enabled": True}}
+    assert design.policy_variant(base, design.CONFIGS_BY_NAME["kernel-only"]) == base
+    for config in design.CONFIG_LIST:  # every override is a key the policy schema knows
         for section, key, _ in config.overrides:
             assert key in policy.SCHEMA[section], (config.name, section, key)
 
 
 def test_emulated_watermarks_follow_the_kernels_formula() -> None:
-    marks = bench.emulated_watermarks(8192, 24576, 10)
+    marks = machine.emulated_watermarks(8192, 24576, 10)
     assert marks == {"vm.min_free_kbytes": str(math.isqrt(8192 * 1024 * 16)), "vm.watermark_scale_factor": "3"}
-    assert bench.emulated_watermarks(256, 24576, 10)["vm.watermark_scale_factor"] == "1"
+    assert machine.emulated_watermarks(256, 24576, 10)["vm.watermark_scale_factor"] == "1"
 
 
 def test_hand_tune_adds_one_flag_and_the_thread_count() -> None:
-    b = object.__new__(bench.Bench)
+    b = object.__new__(runner.Bench)
     b.opts, b.server_bin, b.python = opts(server="llama-server"), Path("/x/llama-server"), Path("/v/python")
-    b.model, b.flags = bench.Model(Path("/m.gguf"), 100), frozenset({"--load-mode"})
-    plain = b.server_argv(8080, bench.CONFIGS_BY_NAME["untuned"])
-    hand = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-tune"])
+    b.model, b.flags = runner.Model(Path("/m.gguf"), 100), frozenset({"--load-mode"})
+    plain = b.server_argv(8080, design.CONFIGS_BY_NAME["untuned"])
+    hand = b.server_argv(8080, design.CONFIGS_BY_NAME["hand-tune"])
     assert "--threads" not in plain and "--prio" not in plain and "--no-mmap" not in plain  # the server's defaults
-    cores = str(bench.physical_cores())
+    cores = str(machine.physical_cores())
     assert hand == [*plain, "--threads", cores, "--threads-batch", cores, "--prio", "2"]
-    nice = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-nice"])
+    nice = b.server_argv(8080, design.CONFIGS_BY_NAME["hand-nice"])
     assert nice == ["nice", "-n", "-10", *plain, "--threads", cores, "--threads-batch", cores]  # no real-time threads
     b.opts = opts(server="llama-server", mmap=False)
-    assert b.server_argv(8080, bench.CONFIGS_BY_NAME["untuned"])[-2:] == ["--load-mode", "none"]
+    assert b.server_argv(8080, design.CONFIGS_BY_NAME["untuned"])[-2:] == ["--load-mode", "none"]
     b.opts = opts(server="llama-cpp-python", mmap=False)
-    hand = b.server_argv(8080, bench.CONFIGS_BY_NAME["hand-tune"])
+    hand = b.server_argv(8080, design.CONFIGS_BY_NAME["hand-tune"])
     assert hand[:3] == ["nice", "-n", "-10"] and hand[-2:] == ["--use_mmap", "false"]
 
 
@@ -159,7 +160,7 @@ def test_hand_tune_adds_one_flag_and_the_thread_count() -> None:
 )
 def test_bad_lists_name_the_flag_and_the_allowed_values(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     with pytest.raises(BadInput) as exc:
-        bench.parse_list(flag, value, allowed)
+        design.parse_list(flag, value, allowed)
     text = str(exc.value)
     assert text.startswith(flag) and "allowed:" in text and all(a in text for a in allowed) and "\n" not in text
 
@@ -173,9 +174,9 @@ def test_markdown_names_machine_command_targets_and_preliminary() -> None:
         "model": {"name": "m.gguf", "size_mib": 10},
         "options": {"tokens": 8, "context": 512, "scenarios": ["cpu", "heavy"], "configs": ["untuned", "autoglm-tune"],
                     "server": "llama-server", "mmap": True},
-        "emulation": None, "notes": ["tuned: not installed"], "summary": bench.summarize(runs),
+        "emulation": None, "notes": ["tuned: not installed"], "summary": report.summarize(runs),
     }
-    text = bench.markdown(doc)
+    text = report.markdown(doc)
     assert "**Preliminary, noisy:** shared machine" in text
     assert "`autoglm-tune bench --rounds 1`" in text and "Test CPU, 2 CPUs, 4096 MiB" in text
     assert "| autoglm-tune | 3 (0) | 9.90 [9.00–10.80] | 1.80 [1.80–1.80] |" in text
@@ -185,24 +186,24 @@ def test_markdown_names_machine_command_targets_and_preliminary() -> None:
 
 
 def test_the_command_lists_the_names_the_bench_defines() -> None:
-    assert tuple(bench.SCENARIOS) == bench_cli.SCENARIO_NAMES
-    assert bench_cli.CONFIG_NAMES == bench.CONFIGS
-    assert set(bench_cli.CONFIG_NAMES) == set(bench.CONFIG_TEXT)
+    assert tuple(design.SCENARIOS) == bench_cli.SCENARIO_NAMES
+    assert bench_cli.CONFIG_NAMES == design.CONFIGS
+    assert set(bench_cli.CONFIG_NAMES) == set(design.CONFIG_TEXT)
 
 
 def test_docs_keep_their_hand_written_text_around_the_results() -> None:
-    first = bench.splice(None, "## Results\nold\n")
-    assert first.startswith(bench.BEGIN) and "old" in first
+    first = report.splice(None, "## Results\nold\n")
+    assert first.startswith(report.BEGIN) and "old" in first
     doc = "# Benchmarks\n\nmethod\n\n" + first + "\n## How to run\ncommand\n"
-    again = bench.splice(doc, "## Results\nnew\n")
-    assert again == f"# Benchmarks\n\nmethod\n\n{bench.BEGIN}\n## Results\nnew\n{bench.END}\n## How to run\ncommand\n"
+    again = report.splice(doc, "## Results\nnew\n")
+    assert again == f"# Benchmarks\n\nmethod\n\n{report.BEGIN}\n## Results\nnew\n{report.END}\n## How to run\ncommand\n"
 
 
 def test_restore_puts_back_its_own_values_and_leaves_another_process_s_alone(tmp_path: Path) -> None:
     """Real Guard, settings redirected to files: what the bench wrote is restored; a value someone else wrote
     since is left alone and reported, not clobbered (a machine shared with other jobs)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    guard = bench.Guard()
+    guard = machine.Guard()
     try:
         for f in (a, b):
             f.write_text("1")
@@ -212,7 +213,7 @@ def test_restore_puts_back_its_own_values_and_leaves_another_process_s_alone(tmp
         guard.set("x.b", "5")
         b.write_text("7")  # another process
     finally:
-        guard.swaps = bench.read_swaps()
+        guard.swaps = machine.read_swaps()
         problems = guard.restore()
     assert a.read_text() == "1" and b.read_text() == "7"
     assert problems == [] and guard.notes == ["x.b was changed by another process during the bench (to 7); left alone"]
@@ -223,7 +224,7 @@ def test_what_a_tuner_the_bench_started_wrote_is_restored(tmp_path: Path) -> Non
     adopted, a swappiness of 10 stayed for every later run of every configuration)."""
     a = tmp_path / "a"
     a.write_text("60")
-    guard = bench.Guard()
+    guard = machine.Guard()
     try:
         guard.paths = {"vm.swappiness": str(a)}
         guard.settings = {"vm.swappiness": "60"}
@@ -235,6 +236,6 @@ def test_what_a_tuner_the_bench_started_wrote_is_restored(tmp_path: Path) -> Non
         guard.reset_settings()
         assert a.read_text() == "60"
     finally:
-        guard.swaps = bench.read_swaps()
+        guard.swaps = machine.read_swaps()
         problems = guard.restore()
     assert problems == [] and guard.notes == []

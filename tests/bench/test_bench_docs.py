@@ -1,5 +1,5 @@
 """Every paired ratio docs/BENCHMARKS.md quotes in a part's "Further paired ratios" table, and every row of its
-CPU hog table, is what tuner.bench_stats computes from that part's committed JSON, to the digits shown."""
+CPU hog table, is what tuner/bench/stats.py computes from that part's committed JSON, to the digits shown."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from autoglm_tune.bench_stats import paired_ratio
+from autoglm_tune.bench.stats import paired_ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERVAL = r"\**([\d.]+) \[([\d.]+)–([\d.]+)\]\**"

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autoglm_tune import bench
+from autoglm_tune.bench import machine as bench_machine
+from autoglm_tune.bench import report
 from support import CLI, processes_mentioning
 
 CGROUPS = Path("/sys/fs/cgroup/memory")
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("machine_put_back")
 def machine(model: Path) -> dict[str, Any]:
     """Everything the bench may change or leave behind."""
     return {
-        "settings": bench.read_settings(bench.setting_paths()),
-        "swaps": bench.read_swaps(),
+        "settings": bench_machine.read_settings(bench_machine.setting_paths()),
+        "swaps": bench_machine.read_swaps(),
         "hugepages": Path("/proc/sys/vm/nr_hugepages").read_text().strip(),
         "cgroups": sorted(p.name for p in CGROUPS.glob("autoglm-bench-*")) if CGROUPS.is_dir() else [],
         "processes": processes_mentioning(str(model)),
@@ -37,7 +38,7 @@ def machine(model: Path) -> dict[str, Any]:
 
 
 def total_mib() -> int:
-    return bench.meminfo()["MemTotal"] // 1024
+    return bench_machine.meminfo()["MemTotal"] // 1024
 
 
 def bench_argv(model: Path, tmp_path: Path, server: Path, *extra: str) -> list[str]:
@@ -71,7 +72,7 @@ def test_smoke_run_measures_applies_and_restores_everything(
     runs = {r["config"]: r for r in doc["runs"]}
     assert set(runs) == set(SMOKE_CONFIGS) and doc["options"]["server"] == "llama-server"
     for config, r in runs.items():
-        assert bench.failed(r) is None, (config, r.get("error"))
+        assert report.failed(r) is None, (config, r.get("error"))
         assert r["tokens"] == 8 and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
         assert r["value"] == r["tok_s"] and len(r["gaps_ms"]) == 7
         assert r["probe"]["memcpy_gbs"] > 0 and r["probe"]["tiny_tok_s"] > 0  # the calibration probe ran
@@ -87,7 +88,7 @@ def test_smoke_run_measures_applies_and_restores_everything(
     assert runs["limit"].get("hugepages") is None and seen["limit"]["vm.nr_hugepages"] == "0"
     for config in SMOKE_CONFIGS[1:]:
         assert runs[config]["hugepages"] > 0 and seen[config]["vm.nr_hugepages"] == str(runs[config]["hugepages"])
-        want = bench.emulated_watermarks(total_mib() - 512, total_mib(),
+        want = bench_machine.emulated_watermarks(total_mib() - 512, total_mib(),
                                          int(before["settings"]["vm.watermark_scale_factor"]))
         assert {k: seen[config][k] for k in want} == want
     assert seen["untuned"]["vm.swappiness"] == before["settings"]["vm.swappiness"]
@@ -110,7 +111,7 @@ def test_smoke_run_measures_applies_and_restores_everything(
     assert doc["swap_latency"]["read_p50_us"] > 0 and doc["zoneinfo"]
 
     text = docs.read_text()
-    assert text == bench.splice(None, (tmp_path / "out" / "BENCHMARKS.md").read_text())
+    assert text == report.splice(None, (tmp_path / "out" / "BENCHMARKS.md").read_text())
     assert "**Preliminary, noisy:** CI smoke run" in text and "| autoglm-tune | 1 (0) |" in text
     assert "| mild | autoglm-tune ÷ untuned | ≥ 0.95 |" in text
     assert (tmp_path / "out" / "bench-mild.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -132,7 +133,7 @@ def test_sigterm_mid_run_restores_everything(
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the bench never reached a run"
             time.sleep(0.05)
-        changed = bench.read_settings(bench.setting_paths())
+        changed = bench_machine.read_settings(bench_machine.setting_paths())
         assert changed != before["settings"]
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -161,7 +162,7 @@ def test_cgroup_fallback_caps_the_workload_instead(
     assert machine(tiny_model) == before
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     (run,) = doc["runs"]
-    assert bench.failed(run) is None and run["settings"]["vm.nr_hugepages"] == "0" and "hugepages" not in run
+    assert report.failed(run) is None and run["settings"]["vm.nr_hugepages"] == "0" and "hugepages" not in run
     assert doc["options"]["server"] == "llama-cpp-python" and doc["options"]["mmap"] is False
     assert run["cgroup_limit_mib"] == ram and doc["emulation"]["how"] == "cgroup"
 
@@ -182,9 +183,9 @@ def test_cgroup_fallback_caps_the_workload_instead(
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(args: list[str], flag: str, root: None) -> None:
-    before = bench.read_settings(bench.setting_paths())
+    before = bench_machine.read_settings(bench_machine.setting_paths())
     done = subprocess.run([CLI, "bench", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "allowed" in lines[0], done.stderr
-    assert bench.read_settings(bench.setting_paths()) == before
+    assert bench_machine.read_settings(bench_machine.setting_paths()) == before

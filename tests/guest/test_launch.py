@@ -46,7 +46,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     llama_python = Path("/opt/autoglm-llama-venv/bin/python")
     vocab = Path("/opt/llama-build/vocab/ggml-vocab-llama-spm.gguf")
     out = tmp_path_factory.mktemp("guest-model") / "tiny.gguf"
-    worker = HERE.parent.parent / "tuner" / "bench_worker.py"
+    worker = HERE.parent.parent / "tuner" / "bench" / "worker.py"
     subprocess.run([str(llama_python), str(worker), "model", "tiny", str(vocab), str(out)], check=True, timeout=300)
     return out
 

@@ -26,7 +26,7 @@ def tiny_model(llama_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """research test-environment.md §9 preset `tiny`: n_embd 256, 4 layers, 4/2 heads, Llama SPM vocab."""
     out = tmp_path_factory.mktemp("models") / "tiny.gguf"
     vocab = LLAMA_CACHE / "vocab" / "ggml-vocab-llama-spm.gguf"
-    worker = HERE.parent.parent / "tuner" / "bench_worker.py"  # the bench's model writer, preset "tiny"
+    worker = HERE.parent.parent / "tuner" / "bench" / "worker.py"  # the bench's model writer, preset "tiny"
     subprocess.run([str(llama_python), str(worker), "model", "tiny", str(vocab), str(out)], check=True, timeout=120)
     return out
 

@@ -49,7 +49,7 @@ def model_user(container: Container) -> Iterator[int]:
     work = container.path(WORK)
     (work / "etc").mkdir(parents=True)
     work.chmod(0o777)
-    worker = ROOT / "tuner" / "bench_worker.py"
+    worker = ROOT / "tuner" / "bench" / "worker.py"
     subprocess.run([str(LLAMA_PYTHON), str(worker), "model", "tiny", str(VOCAB), str(work / "tiny.gguf")],
                    check=True, timeout=120)
     uid = int(container.run("id", "-u", USER).stdout)

@@ -1,5 +1,5 @@
-"""The `autoglm-tune bench` command: options and exit codes. The machinery is in bench.py, imported on use so
-that other commands do not pay for it (registered on the main app by cli.py)."""
+"""The `autoglm-tune bench` command: options and exit codes. The machinery (design, machine, report, runner) is
+imported on use so that other commands do not pay for it (registered on the main app by autoglm_tune.cli)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import BadInput, TuneError, fail
+from ..errors import BadInput, TuneError, fail
 
-# The names bench.py defines (checked equal by tests/bench): listed here for --help without importing it.
+# The names design.py defines (checked equal by tests/bench): listed here for --help without importing it.
 SCENARIO_NAMES = ("heavy", "mild", "fits", "cpu", "idle", "cold", "prompt")
 CONFIG_NAMES = ("limit", "untuned", "hand-tune", "hand-nice", "recipe-literal", "recipe-512mb", "tuned",
                 "autoglm-tune", "no-nice", "no-resident", "kernel-only", "zswap-on")
@@ -56,24 +56,24 @@ def bench_command(
     preliminary: Annotated[str | None, _opt("--preliminary", "Mark the results noisy, saying why.")] = None,
 ) -> None:
     """Measure what tuning buys: a real llama.cpp server per scenario and configuration, interleaved."""
-    from . import bench as b
+    from . import design, machine, report, runner
 
     try:
-        opts = b.Options(
-            scenarios=b.parse_list("--scenario", scenario, tuple(b.SCENARIOS)),
-            configs=b.parse_list("--config", config, b.CONFIGS),
+        opts = design.Options(
+            scenarios=design.parse_list("--scenario", scenario, tuple(design.SCENARIOS)),
+            configs=design.parse_list("--config", config, design.CONFIGS),
             rounds=rounds, ram_mib=ram_mib, emulate=emulate, desktop_mib=desktop, tokens=tokens, context=context,
             threads=threads, server=server, mmap=mmap, idle_s=idle_s, prompt_tokens=prompt_tokens, file_mib=file_mib,
             run_timeout_s=run_timeout_s,
         )
-        if emulate not in b.EMULATIONS:
-            raise BadInput(f"--emulate {emulate!r}: allowed: {', '.join(b.EMULATIONS)}")
+        if emulate not in design.EMULATIONS:
+            raise BadInput(f"--emulate {emulate!r}: allowed: {', '.join(design.EMULATIONS)}")
         if model_size not in MODEL_SIZES:
             raise BadInput(f"--model-size {model_size!r}: allowed: {', '.join(MODEL_SIZES)}")
         if policy is not None and not policy.is_file():
             raise BadInput(f"--policy {policy}: no such file; allowed: a policy TOML file")
-        mem = b.meminfo()
-        b.check_options(opts, mem["MemTotal"] // 1024, (mem["MemTotal"] - mem["MemAvailable"]) // 1024)
+        mem = machine.meminfo()
+        design.check_options(opts, mem["MemTotal"] // 1024, (mem["MemTotal"] - mem["MemAvailable"]) // 1024)
         if os.geteuid() != 0:
             raise BadInput("bench changes kernel settings and must run as root; allowed: sudo autoglm-tune bench")
         notes = []
@@ -81,24 +81,24 @@ def bench_command(
             notes.append("tuned: TuneD is not installed (apt-get install tuned)")
             opts = dataclasses.replace(opts, configs=tuple(c for c in opts.configs if c != "tuned"))
         work.mkdir(parents=True, exist_ok=True)
-        binary = b.find_llama_server(server_bin) if server == "llama-server" else server_bin
-        m = b.prepare_model(model, model_size, work, context)
-        probe = b.prepare_model(None, "tiny", work, 256).path
+        binary = runner.find_llama_server(server_bin) if server == "llama-server" else server_bin
+        m = runner.prepare_model(model, model_size, work, context)
+        probe = runner.prepare_model(None, "tiny", work, 256).path
         command = "autoglm-tune bench " + shlex.join(sys.argv[2:])
-        doc, problems = b.bench(opts, m, work, policy, command, preliminary, notes, sys.stderr, binary, probe)
+        doc, problems = runner.bench(opts, m, work, policy, command, preliminary, notes, sys.stderr, binary, probe)
         target = out or work / time.strftime("results-%Y%m%d-%H%M%S")
-        b.write_outputs(doc, target, docs, sys.stderr)
+        runner.write_outputs(doc, target, docs, sys.stderr)
         typer.echo(f"bench: results in {target} ({len(doc['runs'])} runs)")
         for s in doc["summary"]["rows"]:
-            typer.echo(f"  {s['scenario']:<6} {s['config']:<14} {b.cell(s['value'], 3):<24} ÷ untuned "
-                       f"{b.interval_cell(s['vs'].get('untuned')):<20} failed {s['failed']['count']}/{s['runs']}")
+            typer.echo(f"  {s['scenario']:<6} {s['config']:<14} {report.cell(s['value'], 3):<24} ÷ untuned "
+                       f"{report.interval_cell(s['vs'].get('untuned')):<20} failed {s['failed']['count']}/{s['runs']}")
         for t in doc["summary"]["targets"]:
             typer.echo(f"  target {t['scenario']} {t['config']} ÷ {t['versus']} ≥ {t['target']}: "
-                       f"{b.interval_cell(t['interval'])} → {t['holds']}")
+                       f"{report.interval_cell(t['interval'])} → {t['holds']}")
         if problems:
-            raise b.BenchError("not restored: " + "; ".join(problems))
+            raise runner.BenchError("not restored: " + "; ".join(problems))
         if doc["error"]:
-            raise b.BenchError(doc["error"])
+            raise runner.BenchError(doc["error"])
         typer.echo(f"bench: restored {len(doc['restored']['settings'])} settings and the swap areas; verified")
     except TuneError as exc:
         raise fail(exc) from None

@@ -1,14 +1,14 @@
 """The parts of `autoglm-tune bench` that run outside the tuner: a file run by a Python interpreter
 (the llama venv's for `model` and `plot`, which need gguf, numpy and matplotlib). Imports no autoglm_tune.
 
-    bench_worker.py model PRESET VOCAB.gguf OUT.gguf   random-weight llama GGUF, Q4_0, the vocab's tokenizer
-    bench_worker.py desktop MIB FILES_DIR ACCESSES     a desktop: 3 processes, MIB of compressible heap with a Zipf
-                                                       hot set, ACCESSES page reads/writes per 16 ms frame, a
-                                                       file cache in FILES_DIR ("-": none); prints "ready PIDS",
-                                                       and its counters as JSON on SIGUSR1
-    bench_worker.py files DIR MIB                      the desktop's file cache (16 MiB files)
-    bench_worker.py hog                                a busy loop on one core
-    bench_worker.py plot RESULTS.json OUT_DIR          bench-SCENARIO.png: ratios to untuned, 95 % intervals
+    worker.py model PRESET VOCAB.gguf OUT.gguf   random-weight llama GGUF, Q4_0, the vocab's tokenizer
+    worker.py desktop MIB FILES_DIR ACCESSES     a desktop: 3 processes, MIB of compressible heap with a Zipf
+                                                 hot set, ACCESSES page reads/writes per 16 ms frame, a
+                                                 file cache in FILES_DIR ("-": none); prints "ready PIDS",
+                                                 and its counters as JSON on SIGUSR1
+    worker.py files DIR MIB                      the desktop's file cache (16 MiB files)
+    worker.py hog                                a busy loop on one core
+    worker.py plot RESULTS.json OUT_DIR          bench-SCENARIO.png: ratios to untuned, 95 % intervals
 
 Models (research test-environment.md §9): Q4_0 blocks are written directly (an fp16 scale and 16 bytes of
 random nibbles per 32 weights), norms are F32 ones; the same preset and seed give the same bytes. Random
@@ -377,11 +377,12 @@ def main(argv: list[str]) -> None:
     elif command == "plot":
         plot(args[0], args[1])
     else:
-        sys.exit(f"bench_worker.py: unknown command {command!r}; allowed: model, desktop, hog, plot")
+        sys.exit(f"worker.py: unknown command {command!r}; allowed: model, desktop, hog, plot")
 
 
 if __name__ == "__main__":
-    # Run as a file, this directory comes first on sys.path, and its gguf.py would hide the gguf package.
+    # Run as a file, this directory comes first on sys.path: its modules (stats.py, cli.py, …) must not hide
+    # top-level modules of those names from gguf, numpy or matplotlib.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     main(sys.argv[1:])
