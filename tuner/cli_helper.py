@@ -110,8 +110,8 @@ def _planned(policy: Path | None, plan_file: Path | None) -> tuple[dict[str, Any
         from .planner import make_plan
         from .policy import load_policy
 
-        plan = make_plan(collect_facts(Path("/")), load_policy(policy))
-        return plan.to_dict(), plan.changes
+        made = make_plan(collect_facts(Path("/")), load_policy(policy))
+        return made.to_dict(), made.changes
     if policy is not None:
         raise BadInput("--plan and --policy: give one of them")
     plan = read_plan_file(plan_file)

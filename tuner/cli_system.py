@@ -163,8 +163,8 @@ def install_files(root: Path, dry_run: bool) -> list[str]:
     check_reachable(scripts)
     wanted: dict[Path, tuple[str, bytes | None]] = {}
     for f in FILES:
-        data = _content(f, scripts)
-        wanted[root / f.dest] = (_sha(data), data)
+        content = _content(f, scripts)
+        wanted[root / f.dest] = (_sha(content), content)
     wanted[root / UNIT_DIR / HELPER_ALIAS] = (f"symlink:{HELPER_UNIT}", None)
     if scripts.resolve() != Path("/", COMMAND_DIR):
         for name in COMMANDS:

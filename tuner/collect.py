@@ -110,11 +110,12 @@ def read_cpu(r: Reader) -> CpuFacts:
         if core is None:
             r.notes.append(f"/{topo}: no core_cpus_list or thread_siblings_list; cpu{n} counted as its own core")
         package = r.read(f"{topo}/physical_package_id", quiet=True)
+        capacity = capacities[n]
         if hybrid:
             kind = "performance" if n in p_cores else "efficiency" if n in e_cores else "standard"
-        elif big_little and capacities[n] is not None:
+        elif big_little and capacity is not None:
             # big and mid cores both count: phone SoCs ship 1×1024, 3×870, 4×250
-            kind = "performance" if capacities[n] * 2 >= max(known_caps) else "efficiency"
+            kind = "performance" if capacity * 2 >= max(known_caps) else "efficiency"
         else:
             kind = "standard"
         cpus.append(

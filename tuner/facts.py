@@ -146,7 +146,7 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _decode(inner, value, where)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise BadInput(f"{where}: expected an object")
         hints = typing.get_type_hints(tp)

@@ -56,10 +56,13 @@ def read_process(pid: int, proc: str = "/proc") -> dict[str, Any] | None:
         with p.oneshot():
             command, cpus, threads, nice = p.cmdline(), p.cpu_affinity(), p.num_threads(), p.nice()
             io = p.ionice()
+            swap: int | None
+            uss: int | None
             try:
-                memory = p.memory_full_info()  # swap and USS from smaps: the owner's (or root's) to read
+                full = p.memory_full_info()  # swap and USS from smaps: the owner's (or root's) to read
+                rss, swap, uss = full.rss, full.swap, full.uss
             except psutil.AccessDenied:
-                memory = p.memory_info()
+                rss, swap, uss = p.memory_info().rss, None, None
         policy = os.sched_getscheduler(pid) & ~SCHED_RESET_ON_FORK
         status = Path(f"{proc}/{pid}/status").read_text()
         oom = int(Path(f"{proc}/{pid}/oom_score_adj").read_text())
@@ -76,9 +79,9 @@ def read_process(pid: int, proc: str = "/proc") -> dict[str, Any] | None:
         "io_class": IO_CLASS_NAMES.get(int(io.ioclass), str(int(io.ioclass))),
         "io_priority": io.value,
         "oom_score_adj": oom,
-        "rss_kib": memory.rss // 1024,
-        "swap_kib": memory.swap // 1024 if hasattr(memory, "swap") else None,
-        "uss_kib": memory.uss // 1024 if hasattr(memory, "uss") else None,
+        "rss_kib": rss // 1024,
+        "swap_kib": swap // 1024 if swap is not None else None,
+        "uss_kib": uss // 1024 if uss is not None else None,
         "locked_kib": locked,
     }
 

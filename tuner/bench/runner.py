@@ -471,7 +471,8 @@ class Bench:
             counters1, after = vm_counters(), _majflt(pid)
             result |= token_stats(begin, arrivals) | extra
             result["window_s"] = round(window, 2)
-            counters = {k: counters1[k] - counters0.get(k, 0) for k in counters1 if k != "oom_kill"}
+            counters: dict[str, float | None] = {k: counters1[k] - counters0.get(k, 0) for k in counters1
+                                                  if k != "oom_kill"}
             counters["majflt"] = after - flt if after is not None and flt is not None else None
             counters["model_swap_mib"] = _proc_mib(pid, "status", "VmSwap")  # its own pages in swap
             mem = meminfo()
