@@ -24,7 +24,9 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from .catalogue import (
+from .contract import procfs
+from .contract.bus import HelperError
+from .contract.catalogue import (
     ENV_NAME,
     IO_CLASS_NUMBERS,
     IO_CLASSES,
@@ -37,7 +39,6 @@ from .catalogue import (
     SCHED_POLICIES,
     clip,
 )
-from .transaction import HelperError
 from .units import RUNNING, Systemd
 
 Report = dict[str, Any]
@@ -363,10 +364,10 @@ UNIT_KEYS = {
 
 def mem_total() -> int:
     with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemTotal")
+        total = procfs.parse_meminfo(fh.read()).get("MemTotal")
+    if total is None:
+        raise OSError("/proc/meminfo has no MemTotal")
+    return total * 1024
 
 
 def unit_request(text: str, cpu_count: int, mem_total: int) -> dict[str, Any]:

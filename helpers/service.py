@@ -25,19 +25,12 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
 from . import model
-from .catalogue import clip
-from .plan_schema import MAX_PLAN_BYTES
-from .transaction import Engine, HelperError
+from .contract.bus import ACTIONS, BUS_NAME, CHANGED_RESULTS, ERROR_PREFIX, INTERFACE, OBJECT_PATH, HelperError
+from .contract.catalogue import clip
+from .contract.plan_schema import MAX_PLAN_BYTES
+from .transaction import Engine
 from .units import SYSTEMD, Systemd
 
-BUS_NAME = INTERFACE = "io.github.autoglm_tune.Helper1"
-OBJECT_PATH = "/io/github/autoglm_tune/Helper1"
-ERROR_PREFIX = INTERFACE + ".Error."
-MODEL_ACTION = "io.github.autoglm_tune.model"
-# The polkit action each changing method needs (Status only reads).
-# StopModel needs no action: only the unit's owner may stop it (a launcher must be able to stop what it started).
-ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback",
-           "SetProcess": MODEL_ACTION, "StartModel": MODEL_ACTION}
 DRY_RUN_ARG = {"Apply": 1, "Rollback": 1, "SetProcess": 2}  # where the dry_run flag is: no authorization needed
 SIGNATURES = {
     "Apply": ("sbb", "plan_json dry_run force"),
@@ -254,7 +247,7 @@ class Helper:
             os.close(fd)
         self.audit(caller, msg.member, report, result, detail)
         self.bus.send(reply)
-        if result in ("committed", "rolled-back", "conflict") and report.get("txid"):
+        if result in CHANGED_RESULTS and report.get("txid"):
             self.interface.Changed(report["txid"])
         self.busy -= 1
         self.last_call = time.monotonic()

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from autoglm_helper.service import ACTIONS, BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import ACTIONS, BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast._private.address import get_bus_address  # what BusType.SYSTEM connects to: the env or the default
 from dbus_fast.aio import MessageBus

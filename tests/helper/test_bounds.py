@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from autoglm_helper.plan_schema import MAX_PLAN_BYTES
-from autoglm_helper.service import ARG_BYTES, ERROR_PREFIX, MAX_CALLS_IN_FLIGHT, SIGNATURES
+from autoglm_helper.contract.bus import ERROR_PREFIX
+from autoglm_helper.contract.plan_schema import MAX_PLAN_BYTES
+from autoglm_helper.service import ARG_BYTES, MAX_CALLS_IN_FLIGHT, SIGNATURES
 from dbus_fast import MessageType
 from helper_parts import BIN, DENIED_USER, Bus, Helper
 
