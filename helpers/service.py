@@ -25,32 +25,20 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
 from . import model
-from .contract.bus import ACTIONS, BUS_NAME, CHANGED_RESULTS, ERROR_PREFIX, INTERFACE, OBJECT_PATH, HelperError
+from .contract.bus import (
+    BUS_NAME,
+    CHANGED_RESULTS,
+    ERROR_PREFIX,
+    INTERFACE,
+    METHODS,
+    OBJECT_PATH,
+    HelperError,
+    Report,
+)
 from .contract.catalogue import clip
-from .contract.plan_schema import MAX_PLAN_BYTES
 from .transaction import Engine
 from .units import SYSTEMD, Systemd
 
-DRY_RUN_ARG = {"Apply": 1, "Rollback": 1, "SetProcess": 2}  # where the dry_run flag is: no authorization needed
-SIGNATURES = {
-    "Apply": ("sbb", "plan_json dry_run force"),
-    "Rollback": ("sbb", "txid dry_run force"),
-    "Status": ("", ""),
-    "SetProcess": ("usb", "pid settings_json dry_run"),
-    "StartModel": ("sh", "unit_json log_fd"),
-    "StopModel": ("s", "unit"),
-}
-# The most bytes (UTF-8) each string argument may have, checked before anything parses it or waits on the bus;
-# the other arguments (u, b, h) have a fixed size. A plan of every knob is a few KiB, settings under 100 bytes,
-# a model unit request with a long command line a few KiB; names and transaction ids are short.
-NAME_BYTES = 256
-ARG_BYTES = {
-    ("Apply", "plan_json"): MAX_PLAN_BYTES,
-    ("Rollback", "txid"): NAME_BYTES,
-    ("SetProcess", "settings_json"): 4096,
-    ("StartModel", "unit_json"): 64 * 1024,
-    ("StopModel", "unit"): NAME_BYTES,
-}
 # Calls one uid may have in flight at once (each connection, until the bus tells who is behind it); more are
 # refused with Busy. Root is not limited: it already may do anything, and is the only caller of a fleet's tooling.
 MAX_CALLS_IN_FLIGHT = 4
@@ -58,6 +46,8 @@ KNOWN_SENDERS = 1024  # remembered sender → uid pairs (a unique bus name is ne
 TEXT_CHARS = 16 * 1024  # the most of one error text the reply and the audit line carry
 DEFAULT_STATE_DIR = "/var/lib/autoglm-tune"
 log = logging.getLogger("autoglm-tune-helper")
+Caller = dict[str, Any]  # uid and pid, from the bus daemon
+Fds = tuple[int, ...]  # the descriptors passed with the call
 
 try:
     VERSION = version("autoglm-tune")
@@ -80,9 +70,9 @@ class HelperInterface(ServiceInterface):
     def introspect(self) -> intr.Interface:
         """The methods are served by the message handler; list them for introspection here."""
         iface = super().introspect()
-        for name, (sig, names) in SIGNATURES.items():
-            args = [intr.Arg(t, intr.ArgDirection.IN, n) for t, n in zip(sig, names.split(), strict=True)]
-            iface.methods.append(intr.Method(name, args, [intr.Arg("s", intr.ArgDirection.OUT, "report_json")]))
+        for method in METHODS.values():
+            args = [intr.Arg(a.type, intr.ArgDirection.IN, a.name) for a in method.args]
+            iface.methods.append(intr.Method(method.name, args, [intr.Arg("s", intr.ArgDirection.OUT, "report_json")]))
         return iface
 
 
@@ -93,15 +83,15 @@ def _utf8_len(text: str) -> int:
 def check_arguments(msg: Message) -> HelperError | None:
     """The signature and the size of every string argument, before anything parses or keeps them. The error is
     returned, not raised: a raised one's traceback would keep this frame, and the oversize string in it, alive."""
-    sig, names = SIGNATURES[msg.member]
-    if msg.signature != sig:
-        wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
+    method = METHODS[msg.member]
+    if msg.signature != method.signature:
+        wanted = ", ".join(f"{a.name} {a.type}" for a in method.args)
         return HelperError("InvalidArgs", f"{msg.member}: arguments ({clip(msg.signature)}) do not match; "
                            f"allowed: ({wanted})")
-    for name, value in zip(names.split(), msg.body, strict=True):
-        cap = ARG_BYTES.get((msg.member, name))
+    for arg, value in zip(method.args, msg.body, strict=True):
+        cap = arg.max_bytes
         if cap is not None and (len(value) > cap or _utf8_len(value) > cap):
-            return HelperError("InvalidArgs", f"{name}: {_utf8_len(value)} bytes is too long; allowed: at most "
+            return HelperError("InvalidArgs", f"{arg.name}: {_utf8_len(value)} bytes is too long; allowed: at most "
                                f"{cap} bytes")
     return None
 
@@ -167,7 +157,7 @@ class Helper:
         # GetConnectionCredentials reply carries the caller's pidfd). Each descriptor is closed exactly once.
         fds = tuple(msg.unix_fds)
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
-                or msg.interface != INTERFACE or msg.member not in SIGNATURES):
+                or msg.interface != INTERFACE or msg.member not in METHODS):
             for fd in fds:  # descriptors sent along with anything else are not kept open
                 os.close(fd)
             return None
@@ -225,8 +215,9 @@ class Helper:
                 if busy is not None:
                     raise busy
                 counted = caller["uid"]
-            if msg.member in ACTIONS and not (msg.member in DRY_RUN_ARG and msg.body[DRY_RUN_ARG[msg.member]]):
-                await self.authorize(msg.sender, caller, ACTIONS[msg.member])
+            method = METHODS[msg.member]
+            if method.action is not None and not method.is_dry_run(msg.body):
+                await self.authorize(msg.sender, caller, method.action)
             report = await self.call(msg, caller, fds)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
@@ -253,25 +244,36 @@ class Helper:
         self.last_call = time.monotonic()
 
     async def call(self, msg: Message, caller: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
-        """Run one authorized method; the engine and systemd calls run in a worker thread."""
-        body, uid = msg.body, caller["uid"]
-        if msg.member == "Status":
-            return {"result": "status", **await asyncio.to_thread(self.engine.status)}
-        if msg.member == "SetProcess":
-            return await asyncio.to_thread(model.set_process, body[0], uid, model.process_request(body[1]), body[2])
-        if msg.member == "StopModel":
-            return await asyncio.to_thread(model.stop_model, self.engine.systemd, body[0], uid)
+        """Run one authorized method in a worker thread (the exclusive ones one at a time, under the lock)."""
+        handler = getattr(self, "do_" + msg.member)
+        if not METHODS[msg.member].exclusive:
+            return await asyncio.to_thread(handler, caller, fds, *msg.body)
         async with self.lock:
-            if msg.member == "StartModel":
-                if not 0 <= body[1] < len(fds):
-                    raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
-                                      "open for writing")
-                request = model.unit_request(body[0], os.cpu_count() or 1, model.mem_total())
-                return await asyncio.to_thread(model.start_model, self.engine.systemd, request, uid,
-                                               fds[body[1]], caller["pid"])
-            if msg.member == "Apply":
-                return await asyncio.to_thread(self.engine.apply, body[0], body[1], body[2], caller)
-            return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])
+            return await asyncio.to_thread(handler, caller, fds, *msg.body)
+
+    # ---- one handler per method of METHODS: do_<name>(caller, fds, *arguments) -------------------
+
+    def do_Apply(self, caller: Caller, fds: Fds, plan_json: str, dry_run: bool, force: bool) -> Report:
+        return self.engine.apply(plan_json, dry_run, force, caller)
+
+    def do_Rollback(self, caller: Caller, fds: Fds, txid: str, dry_run: bool, force: bool) -> Report:
+        return self.engine.rollback(txid, dry_run, force)
+
+    def do_Status(self, caller: Caller, fds: Fds) -> Report:
+        return {"result": "status", **self.engine.status()}
+
+    def do_SetProcess(self, caller: Caller, fds: Fds, pid: int, settings_json: str, dry_run: bool) -> Report:
+        return model.set_process(pid, caller["uid"], model.process_request(settings_json), dry_run)
+
+    def do_StartModel(self, caller: Caller, fds: Fds, unit_json: str, log_fd: int) -> Report:
+        if not 0 <= log_fd < len(fds):
+            raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
+                              "open for writing")
+        request = model.unit_request(unit_json, os.cpu_count() or 1, model.mem_total())
+        return model.start_model(self.engine.systemd, request, caller["uid"], fds[log_fd], caller["pid"])
+
+    def do_StopModel(self, caller: Caller, fds: Fds, unit: str) -> Report:
+        return model.stop_model(self.engine.systemd, unit, caller["uid"])
 
     async def recover(self) -> None:
         """Roll back what a crash left pending (unit steps need systemd, so this runs once connected). Nothing
