@@ -272,7 +272,7 @@ def restore(step: Step) -> None:
         if live != step["old"]:
             _write_text(_scalar_path(step), catalogue.SCALAR_KNOBS[knob].render(step["old"]))
     elif knob == "swap.priority":
-        if live is not None and (live == step["old"] or (live < 0 and step["old"] < 0)):
+        if isinstance(live, int) and (live == step["old"] or (live < 0 and step["old"] < 0)):
             return
         fd = os.open(step["area"], _AREA_FLAGS)
         try:

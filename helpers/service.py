@@ -33,6 +33,7 @@ from .contract.bus import (
     METHODS,
     OBJECT_PATH,
     HelperError,
+    Method,
     Report,
 )
 from .contract.catalogue import clip
@@ -60,11 +61,11 @@ class HelperInterface(ServiceInterface):
         super().__init__(INTERFACE)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":  # noqa: F821
+    def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821 (a D-Bus type, as dbus-fast reads it)
         return VERSION
 
     @dbus_signal()
-    def Changed(self, txid: "s") -> "s":  # noqa: F821
+    def Changed(self, txid: "s") -> "s":  # type: ignore[name-defined]  # noqa: F821
         return txid
 
     def introspect(self) -> intr.Interface:
@@ -80,13 +81,12 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
 
 
-def check_arguments(msg: Message) -> HelperError | None:
+def check_arguments(msg: Message, method: Method) -> HelperError | None:
     """The signature and the size of every string argument, before anything parses or keeps them. The error is
     returned, not raised: a raised one's traceback would keep this frame, and the oversize string in it, alive."""
-    method = METHODS[msg.member]
     if msg.signature != method.signature:
         wanted = ", ".join(f"{a.name} {a.type}" for a in method.args)
-        return HelperError("InvalidArgs", f"{msg.member}: arguments ({clip(msg.signature)}) do not match; "
+        return HelperError("InvalidArgs", f"{method.name}: arguments ({clip(msg.signature)}) do not match; "
                            f"allowed: ({wanted})")
     for arg, value in zip(method.args, msg.body, strict=True):
         cap = arg.max_bytes
@@ -156,19 +156,20 @@ class Helper:
         # unmarshaller's own list, which the next message's descriptors are then appended to (dbus 1.16's
         # GetConnectionCredentials reply carries the caller's pidfd). Each descriptor is closed exactly once.
         fds = tuple(msg.unix_fds)
+        method = METHODS.get(msg.member or "")
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
-                or msg.interface != INTERFACE or msg.member not in METHODS):
+                or msg.interface != INTERFACE or method is None):
             for fd in fds:  # descriptors sent along with anything else are not kept open
                 os.close(fd)
             return None
-        refusal = check_arguments(msg)
+        refusal = check_arguments(msg, method)
         if refusal is not None:
             msg.body = []  # an oversize argument is not kept while the caller is looked up for the audit
         counted = None
         if refusal is None:
             counted = self.uids.get(msg.sender, msg.sender)
             refusal = self._enter(counted)
-        task = asyncio.ensure_future(self.serve(msg, fds, refusal, None if refusal else counted))
+        task = asyncio.ensure_future(self.serve(msg, method, fds, refusal, None if refusal else counted))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
@@ -196,7 +197,7 @@ class Helper:
             del self.uids[next(iter(self.uids))]
         self.uids[sender] = uid
 
-    async def serve(self, msg: Message, fds: tuple[int, ...], refusal: HelperError | None,
+    async def serve(self, msg: Message, method: Method, fds: Fds, refusal: HelperError | None,
                     counted: int | str | None) -> None:
         """Answer one call: `refusal` is what on_message already refused it for, `counted` the key it is counted
         under in in_flight (None: not counted)."""
@@ -215,10 +216,9 @@ class Helper:
                 if busy is not None:
                     raise busy
                 counted = caller["uid"]
-            method = METHODS[msg.member]
             if method.action is not None and not method.is_dry_run(msg.body):
                 await self.authorize(msg.sender, caller, method.action)
-            report = await self.call(msg, caller, fds)
+            report = await self.call(msg, method, caller, fds)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
         except OSError as exc:  # systemd refused or a /proc write failed: the caller gets the reason
@@ -229,24 +229,24 @@ class Helper:
             reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, clip(str(exc), TEXT_CHARS))
             result, detail = ("denied" if exc.kind == "NotAuthorized" else exc.kind), clip(str(exc), TEXT_CHARS)
         except Exception as exc:  # never crash on a caller's input; the audit and the log keep the cause
-            log.exception("%s failed", msg.member)
+            log.exception("%s failed", method.name)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
             result, detail = "error", clip(repr(exc), TEXT_CHARS)
         finally:
             self._leave(counted)
         for fd in fds:  # systemd holds its own copy of a passed log descriptor
             os.close(fd)
-        self.audit(caller, msg.member, report, result, detail)
+        self.audit(caller, method.name, report, result, detail)
         self.bus.send(reply)
         if result in CHANGED_RESULTS and report.get("txid"):
             self.interface.Changed(report["txid"])
         self.busy -= 1
         self.last_call = time.monotonic()
 
-    async def call(self, msg: Message, caller: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
+    async def call(self, msg: Message, method: Method, caller: Caller, fds: Fds) -> Report:
         """Run one authorized method in a worker thread (the exclusive ones one at a time, under the lock)."""
-        handler = getattr(self, "do_" + msg.member)
-        if not METHODS[msg.member].exclusive:
+        handler = getattr(self, "do_" + method.name)
+        if not method.exclusive:
             return await asyncio.to_thread(handler, caller, fds, *msg.body)
         async with self.lock:
             return await asyncio.to_thread(handler, caller, fds, *msg.body)
