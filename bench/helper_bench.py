@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoglm_helper import catalogue, knobs
-from autoglm_helper.service import BUS_NAME, INTERFACE, OBJECT_PATH
+from autoglm_helper import knobs
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.bus import BUS_NAME, INTERFACE, OBJECT_PATH
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 

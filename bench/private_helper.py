@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from autoglm_helper.service import BUS_NAME
+from autoglm_helper.contract.bus import BUS_NAME
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from . import catalogue
-from .catalogue import CatalogueError, Value
+from .contract import catalogue, procfs
+from .contract.catalogue import CatalogueError, Value
 
 SWAP_FLAG_PREFER = 0x8000
 SWAPOFF_MARGIN_KIB = 64 * 1024  # what must stay free after the swapped pages came back
@@ -26,23 +26,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 Step = dict[str, Any]
 
 
-def _unescape(field: str) -> str:
-    """/proc/swaps and mountinfo write space, tab, newline and backslash as octal escapes."""
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
-
-
 def swap_areas() -> dict[str, tuple[int, int, int]]:
     """Active swap areas: path → (size KiB, used KiB, priority)."""
     with open("/proc/swaps") as f:
-        rows = [line.split() for line in f.read().splitlines()[1:]]
-    return {_unescape(r[0]): (int(r[2]), int(r[3]), int(r[4])) for r in rows if len(r) == 5}
+        return {a.path: (a.size_kib, a.used_kib, a.priority) for a in procfs.parse_swaps(f.read())}
 
 
 def _meminfo(key: str) -> int:
     with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        return procfs.parse_meminfo(f.read())[key]
 
 
 def compressors() -> list[str]:
@@ -66,7 +58,7 @@ def filesystem_of(path: str) -> str:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            mount = _unescape(fields[4])
+            mount = procfs.unescape(fields[4])
             inside = path == mount or path.startswith(mount.rstrip("/") + "/")
             if inside and len(mount) >= len(best):
                 best, fstype = mount, fields[fields.index("-") + 1]
@@ -280,7 +272,7 @@ def restore(step: Step) -> None:
         if live != step["old"]:
             _write_text(_scalar_path(step), catalogue.SCALAR_KNOBS[knob].render(step["old"]))
     elif knob == "swap.priority":
-        if live is not None and (live == step["old"] or (live < 0 and step["old"] < 0)):
+        if isinstance(live, int) and (live == step["old"] or (live < 0 and step["old"] < 0)):
             return
         fd = os.open(step["area"], _AREA_FLAGS)
         try:

@@ -20,11 +20,14 @@ import os
 import re
 import select
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Variant
 
-from .catalogue import (
+from .contract import procfs
+from .contract.bus import HelperError
+from .contract.catalogue import (
     ENV_NAME,
     IO_CLASS_NUMBERS,
     IO_CLASSES,
@@ -37,7 +40,6 @@ from .catalogue import (
     SCHED_POLICIES,
     clip,
 )
-from .transaction import HelperError
 from .units import RUNNING, Systemd
 
 Report = dict[str, Any]
@@ -363,10 +365,10 @@ UNIT_KEYS = {
 
 def mem_total() -> int:
     with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemTotal")
+        total = procfs.parse_meminfo(fh.read()).get("MemTotal")
+    if total is None:
+        raise OSError("/proc/meminfo has no MemTotal")
+    return total * 1024
 
 
 def unit_request(text: str, cpu_count: int, mem_total: int) -> dict[str, Any]:
@@ -456,10 +458,11 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None, ses
         # take dependencies as properties; a scope cannot be started, so BindsTo= never pulls one up. Not
         # PartOf=user@UID.service: lingering keeps the user's manager running past every session.
         props += [["BindsTo", Variant("as", [session])], ["After", Variant("as", [session])]]
-    simple = {"sched_policy": ("CPUSchedulingPolicy", "i", SCHED_NUMBERS.get),
-              "nice": ("Nice", "i", int), "io_class": ("IOSchedulingClass", "i", IO_CLASS_NUMBERS.get),
-              "io_priority": ("IOSchedulingPriority", "i", int), "oom_score_adj": ("OOMScoreAdjust", "i", int),
-              "memory_low": ("MemoryLow", "t", int), "memory_high": ("MemoryHigh", "t", int)}
+    simple: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+        "sched_policy": ("CPUSchedulingPolicy", "i", SCHED_NUMBERS.get),
+        "nice": ("Nice", "i", int), "io_class": ("IOSchedulingClass", "i", IO_CLASS_NUMBERS.get),
+        "io_priority": ("IOSchedulingPriority", "i", int), "oom_score_adj": ("OOMScoreAdjust", "i", int),
+        "memory_low": ("MemoryLow", "t", int), "memory_high": ("MemoryHigh", "t", int)}
     for key, (prop, sig, convert) in simple.items():
         if key in req and (key not in ("memory_low", "memory_high") or req[key] > 0):
             props.append([prop, Variant(sig, convert(req[key]))])
@@ -516,7 +519,7 @@ def stop_model(systemd: Systemd | None, unit: object, uid: int) -> Report:
     """Stop a model unit the caller started (root may stop any)."""
     allowed = f"{MODEL_UNIT_PREFIX}{uid}-PORT.service"
     match = UNIT_NAME.fullmatch(unit) if isinstance(unit, str) else None
-    if match is None:
+    if match is None or not isinstance(unit, str):
         raise _bad("unit", f"{_echo(unit)} is not a model unit", allowed)
     if uid != 0 and int(match.group(1)) != uid:
         raise HelperError("NotAuthorized", f"{unit} belongs to uid {match.group(1)}, not to the caller (uid {uid})")

@@ -25,39 +25,21 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
 from . import model
-from .catalogue import clip
-from .plan_schema import MAX_PLAN_BYTES
-from .transaction import Engine, HelperError
+from .contract.bus import (
+    BUS_NAME,
+    CHANGED_RESULTS,
+    ERROR_PREFIX,
+    INTERFACE,
+    METHODS,
+    OBJECT_PATH,
+    HelperError,
+    Method,
+    Report,
+)
+from .contract.catalogue import clip
+from .transaction import Engine
 from .units import SYSTEMD, Systemd
 
-BUS_NAME = INTERFACE = "io.github.autoglm_tune.Helper1"
-OBJECT_PATH = "/io/github/autoglm_tune/Helper1"
-ERROR_PREFIX = INTERFACE + ".Error."
-MODEL_ACTION = "io.github.autoglm_tune.model"
-# The polkit action each changing method needs (Status only reads).
-# StopModel needs no action: only the unit's owner may stop it (a launcher must be able to stop what it started).
-ACTIONS = {"Apply": "io.github.autoglm_tune.apply", "Rollback": "io.github.autoglm_tune.rollback",
-           "SetProcess": MODEL_ACTION, "StartModel": MODEL_ACTION}
-DRY_RUN_ARG = {"Apply": 1, "Rollback": 1, "SetProcess": 2}  # where the dry_run flag is: no authorization needed
-SIGNATURES = {
-    "Apply": ("sbb", "plan_json dry_run force"),
-    "Rollback": ("sbb", "txid dry_run force"),
-    "Status": ("", ""),
-    "SetProcess": ("usb", "pid settings_json dry_run"),
-    "StartModel": ("sh", "unit_json log_fd"),
-    "StopModel": ("s", "unit"),
-}
-# The most bytes (UTF-8) each string argument may have, checked before anything parses it or waits on the bus;
-# the other arguments (u, b, h) have a fixed size. A plan of every knob is a few KiB, settings under 100 bytes,
-# a model unit request with a long command line a few KiB; names and transaction ids are short.
-NAME_BYTES = 256
-ARG_BYTES = {
-    ("Apply", "plan_json"): MAX_PLAN_BYTES,
-    ("Rollback", "txid"): NAME_BYTES,
-    ("SetProcess", "settings_json"): 4096,
-    ("StartModel", "unit_json"): 64 * 1024,
-    ("StopModel", "unit"): NAME_BYTES,
-}
 # Calls one uid may have in flight at once (each connection, until the bus tells who is behind it); more are
 # refused with Busy. Root is not limited: it already may do anything, and is the only caller of a fleet's tooling.
 MAX_CALLS_IN_FLIGHT = 4
@@ -65,6 +47,8 @@ KNOWN_SENDERS = 1024  # remembered sender → uid pairs (a unique bus name is ne
 TEXT_CHARS = 16 * 1024  # the most of one error text the reply and the audit line carry
 DEFAULT_STATE_DIR = "/var/lib/autoglm-tune"
 log = logging.getLogger("autoglm-tune-helper")
+Caller = dict[str, Any]  # uid and pid, from the bus daemon
+Fds = tuple[int, ...]  # the descriptors passed with the call
 
 try:
     VERSION = version("autoglm-tune")
@@ -77,19 +61,19 @@ class HelperInterface(ServiceInterface):
         super().__init__(INTERFACE)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":  # noqa: F821
+    def Version(self) -> "s":  # type: ignore[name-defined]  # noqa: F821 (a D-Bus type, as dbus-fast reads it)
         return VERSION
 
     @dbus_signal()
-    def Changed(self, txid: "s") -> "s":  # noqa: F821
+    def Changed(self, txid: "s") -> "s":  # type: ignore[name-defined]  # noqa: F821
         return txid
 
     def introspect(self) -> intr.Interface:
         """The methods are served by the message handler; list them for introspection here."""
         iface = super().introspect()
-        for name, (sig, names) in SIGNATURES.items():
-            args = [intr.Arg(t, intr.ArgDirection.IN, n) for t, n in zip(sig, names.split(), strict=True)]
-            iface.methods.append(intr.Method(name, args, [intr.Arg("s", intr.ArgDirection.OUT, "report_json")]))
+        for method in METHODS.values():
+            args = [intr.Arg(a.type, intr.ArgDirection.IN, a.name) for a in method.args]
+            iface.methods.append(intr.Method(method.name, args, [intr.Arg("s", intr.ArgDirection.OUT, "report_json")]))
         return iface
 
 
@@ -97,18 +81,17 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
 
 
-def check_arguments(msg: Message) -> HelperError | None:
+def check_arguments(msg: Message, method: Method) -> HelperError | None:
     """The signature and the size of every string argument, before anything parses or keeps them. The error is
     returned, not raised: a raised one's traceback would keep this frame, and the oversize string in it, alive."""
-    sig, names = SIGNATURES[msg.member]
-    if msg.signature != sig:
-        wanted = ", ".join(f"{n} {t}" for n, t in zip(names.split(), sig, strict=True))
-        return HelperError("InvalidArgs", f"{msg.member}: arguments ({clip(msg.signature)}) do not match; "
+    if msg.signature != method.signature:
+        wanted = ", ".join(f"{a.name} {a.type}" for a in method.args)
+        return HelperError("InvalidArgs", f"{method.name}: arguments ({clip(msg.signature)}) do not match; "
                            f"allowed: ({wanted})")
-    for name, value in zip(names.split(), msg.body, strict=True):
-        cap = ARG_BYTES.get((msg.member, name))
+    for arg, value in zip(method.args, msg.body, strict=True):
+        cap = arg.max_bytes
         if cap is not None and (len(value) > cap or _utf8_len(value) > cap):
-            return HelperError("InvalidArgs", f"{name}: {_utf8_len(value)} bytes is too long; allowed: at most "
+            return HelperError("InvalidArgs", f"{arg.name}: {_utf8_len(value)} bytes is too long; allowed: at most "
                                f"{cap} bytes")
     return None
 
@@ -173,19 +156,20 @@ class Helper:
         # unmarshaller's own list, which the next message's descriptors are then appended to (dbus 1.16's
         # GetConnectionCredentials reply carries the caller's pidfd). Each descriptor is closed exactly once.
         fds = tuple(msg.unix_fds)
+        method = METHODS.get(msg.member or "")
         if (msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH
-                or msg.interface != INTERFACE or msg.member not in SIGNATURES):
+                or msg.interface != INTERFACE or method is None):
             for fd in fds:  # descriptors sent along with anything else are not kept open
                 os.close(fd)
             return None
-        refusal = check_arguments(msg)
+        refusal = check_arguments(msg, method)
         if refusal is not None:
             msg.body = []  # an oversize argument is not kept while the caller is looked up for the audit
         counted = None
         if refusal is None:
             counted = self.uids.get(msg.sender, msg.sender)
             refusal = self._enter(counted)
-        task = asyncio.ensure_future(self.serve(msg, fds, refusal, None if refusal else counted))
+        task = asyncio.ensure_future(self.serve(msg, method, fds, refusal, None if refusal else counted))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return True
@@ -213,7 +197,7 @@ class Helper:
             del self.uids[next(iter(self.uids))]
         self.uids[sender] = uid
 
-    async def serve(self, msg: Message, fds: tuple[int, ...], refusal: HelperError | None,
+    async def serve(self, msg: Message, method: Method, fds: Fds, refusal: HelperError | None,
                     counted: int | str | None) -> None:
         """Answer one call: `refusal` is what on_message already refused it for, `counted` the key it is counted
         under in in_flight (None: not counted)."""
@@ -232,9 +216,9 @@ class Helper:
                 if busy is not None:
                     raise busy
                 counted = caller["uid"]
-            if msg.member in ACTIONS and not (msg.member in DRY_RUN_ARG and msg.body[DRY_RUN_ARG[msg.member]]):
-                await self.authorize(msg.sender, caller, ACTIONS[msg.member])
-            report = await self.call(msg, caller, fds)
+            if method.action is not None and not method.is_dry_run(msg.body):
+                await self.authorize(msg.sender, caller, method.action)
+            report = await self.call(msg, method, caller, fds)
             reply = Message.new_method_return(msg, "s", [json.dumps(report)])
             result, detail = report["result"], ""
         except OSError as exc:  # systemd refused or a /proc write failed: the caller gets the reason
@@ -245,40 +229,51 @@ class Helper:
             reply = Message.new_error(msg, ERROR_PREFIX + exc.kind, clip(str(exc), TEXT_CHARS))
             result, detail = ("denied" if exc.kind == "NotAuthorized" else exc.kind), clip(str(exc), TEXT_CHARS)
         except Exception as exc:  # never crash on a caller's input; the audit and the log keep the cause
-            log.exception("%s failed", msg.member)
+            log.exception("%s failed", method.name)
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {type(exc).__name__}")
             result, detail = "error", clip(repr(exc), TEXT_CHARS)
         finally:
             self._leave(counted)
         for fd in fds:  # systemd holds its own copy of a passed log descriptor
             os.close(fd)
-        self.audit(caller, msg.member, report, result, detail)
+        self.audit(caller, method.name, report, result, detail)
         self.bus.send(reply)
-        if result in ("committed", "rolled-back", "conflict") and report.get("txid"):
+        if result in CHANGED_RESULTS and report.get("txid"):
             self.interface.Changed(report["txid"])
         self.busy -= 1
         self.last_call = time.monotonic()
 
-    async def call(self, msg: Message, caller: dict[str, Any], fds: tuple[int, ...]) -> dict[str, Any]:
-        """Run one authorized method; the engine and systemd calls run in a worker thread."""
-        body, uid = msg.body, caller["uid"]
-        if msg.member == "Status":
-            return {"result": "status", **await asyncio.to_thread(self.engine.status)}
-        if msg.member == "SetProcess":
-            return await asyncio.to_thread(model.set_process, body[0], uid, model.process_request(body[1]), body[2])
-        if msg.member == "StopModel":
-            return await asyncio.to_thread(model.stop_model, self.engine.systemd, body[0], uid)
+    async def call(self, msg: Message, method: Method, caller: Caller, fds: Fds) -> Report:
+        """Run one authorized method in a worker thread (the exclusive ones one at a time, under the lock)."""
+        handler = getattr(self, "do_" + method.name)
+        if not method.exclusive:
+            return await asyncio.to_thread(handler, caller, fds, *msg.body)
         async with self.lock:
-            if msg.member == "StartModel":
-                if not 0 <= body[1] < len(fds):
-                    raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
-                                      "open for writing")
-                request = model.unit_request(body[0], os.cpu_count() or 1, model.mem_total())
-                return await asyncio.to_thread(model.start_model, self.engine.systemd, request, uid,
-                                               fds[body[1]], caller["pid"])
-            if msg.member == "Apply":
-                return await asyncio.to_thread(self.engine.apply, body[0], body[1], body[2], caller)
-            return await asyncio.to_thread(self.engine.rollback, body[0], body[1], body[2])
+            return await asyncio.to_thread(handler, caller, fds, *msg.body)
+
+    # ---- one handler per method of METHODS: do_<name>(caller, fds, *arguments) -------------------
+
+    def do_Apply(self, caller: Caller, fds: Fds, plan_json: str, dry_run: bool, force: bool) -> Report:
+        return self.engine.apply(plan_json, dry_run, force, caller)
+
+    def do_Rollback(self, caller: Caller, fds: Fds, txid: str, dry_run: bool, force: bool) -> Report:
+        return self.engine.rollback(txid, dry_run, force)
+
+    def do_Status(self, caller: Caller, fds: Fds) -> Report:
+        return {"result": "status", **self.engine.status()}
+
+    def do_SetProcess(self, caller: Caller, fds: Fds, pid: int, settings_json: str, dry_run: bool) -> Report:
+        return model.set_process(pid, caller["uid"], model.process_request(settings_json), dry_run)
+
+    def do_StartModel(self, caller: Caller, fds: Fds, unit_json: str, log_fd: int) -> Report:
+        if not 0 <= log_fd < len(fds):
+            raise HelperError("InvalidArgs", "log_fd: no file descriptor was passed; allowed: the model log, "
+                              "open for writing")
+        request = model.unit_request(unit_json, os.cpu_count() or 1, model.mem_total())
+        return model.start_model(self.engine.systemd, request, caller["uid"], fds[log_fd], caller["pid"])
+
+    def do_StopModel(self, caller: Caller, fds: Fds, unit: str) -> Report:
+        return model.stop_model(self.engine.systemd, unit, caller["uid"])
 
     async def recover(self) -> None:
         """Roll back what a crash left pending (unit steps need systemd, so this runs once connected). Nothing

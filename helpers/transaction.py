@@ -16,8 +16,10 @@ import secrets
 import time
 from typing import Any, Protocol
 
-from . import knobs, plan_schema, units
-from .catalogue import CatalogueError, clip
+from . import knobs, units
+from .contract import plan_schema
+from .contract.bus import SUMMARY_KEYS, HelperError
+from .contract.catalogue import CatalogueError, clip
 
 Tx = dict[str, Any]
 TXID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
@@ -38,15 +40,6 @@ class KnobKind(Protocol):
     def read(self, step: knobs.Step) -> Any: ...
     def write(self, step: knobs.Step) -> None: ...
     def restore(self, step: knobs.Step) -> None: ...
-
-
-class HelperError(Exception):
-    """A refused or failed call: `kind` is the last part of the D-Bus error name."""
-
-    def __init__(self, kind: str, text: str, report: dict[str, Any] | None = None) -> None:
-        super().__init__(text)
-        self.kind = kind
-        self.report = report or {}
 
 
 class JournalError(ValueError):
@@ -114,7 +107,7 @@ def boot_id() -> str:
 
 
 def _summary(step: knobs.Step) -> dict[str, Any]:
-    return {k: step.get(k) for k in ("subject", "old", "target", "new", "state")}
+    return {k: step.get(k) for k in SUMMARY_KEYS}
 
 
 def undo_order(steps: list[knobs.Step]) -> list[knobs.Step]:

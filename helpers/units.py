@@ -35,8 +35,8 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from . import catalogue
-from .catalogue import CatalogueError
+from .contract import catalogue
+from .contract.catalogue import CatalogueError
 
 Step = dict[str, Any]
 SYSTEMD = "org.freedesktop.systemd1"

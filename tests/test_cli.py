@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from autoglm_helper.plan_schema import changes_from_plan
+from autoglm_helper.contract.plan_schema import changes_from_plan
 from support import CLI
 from support import run_cli as run
 from trees import build_tree
@@ -256,7 +256,7 @@ def test_diff_loads_only_the_bench_command_s_options() -> None:
 
 
 def test_bad_plan_files_exit_2_naming_the_file(tmp_path: Path) -> None:
-    from autoglm_helper.plan_schema import MAX_PLAN_BYTES
+    from autoglm_helper.contract.plan_schema import MAX_PLAN_BYTES
 
     cases = {
         "empty.json": (b"", "is empty"),

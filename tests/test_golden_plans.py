@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autoglm_helper.plan_schema import changes_from_plan
+from autoglm_helper.contract.plan_schema import changes_from_plan
 from autoglm_tune.cli import app
 from support import CLI
 from trees import REPO, TREES, build_tree, built_trees, host_snapshots, host_tarballs, no_snapshots, snapshot_names

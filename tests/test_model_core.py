@@ -7,8 +7,8 @@ import json
 
 import pytest
 from autoglm_helper import model
-from autoglm_helper.catalogue import MODEL_MEMORY_SHARE_MAX
-from autoglm_helper.transaction import HelperError
+from autoglm_helper.contract.bus import HelperError
+from autoglm_helper.contract.catalogue import MODEL_MEMORY_SHARE_MAX
 from autoglm_tune.model_status import model_lines
 
 GIB = 1 << 30

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autoglm_helper import catalogue, plan_schema, units
-from autoglm_helper.catalogue import CatalogueError
+from autoglm_helper import units
+from autoglm_helper.contract import catalogue, plan_schema
+from autoglm_helper.contract.catalogue import CatalogueError
 from autoglm_helper.units import UnitInfo, alias_targets, related_units
 
 

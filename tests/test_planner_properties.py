@@ -16,8 +16,8 @@ import tomllib
 from typing import Any
 
 import pytest
-from autoglm_helper import catalogue
-from autoglm_helper.plan_schema import changes_from_plan, plan_from_json
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.plan_schema import changes_from_plan, plan_from_json
 from autoglm_tune import rules
 from autoglm_tune.collect import mount_for, parse_cpulist
 from autoglm_tune.errors import BadInput

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from autoglm_helper.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
+from autoglm_helper.contract.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from autoglm_tune.errors import BadInput
 from autoglm_tune.policy import SCHEMA, load_policy
 

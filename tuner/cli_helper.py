@@ -15,9 +15,9 @@ from types import ModuleType
 from typing import Annotated, Any
 
 import typer
-from autoglm_helper import plan_schema
-from autoglm_helper.catalogue import CatalogueError
-from autoglm_helper.plan_schema import Change
+from autoglm_helper.contract import plan_schema
+from autoglm_helper.contract.catalogue import CatalogueError
+from autoglm_helper.contract.plan_schema import Change
 
 from .errors import EXIT_DIFFERS, EXIT_OK, BadInput, Interrupted, TuneError, fail
 

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from autoglm_helper import catalogue
+from autoglm_helper.contract import catalogue, procfs
 
 from .errors import BadInput
 from .facts import (
@@ -79,11 +79,6 @@ def parse_cpulist(text: str | None) -> list[int]:
     return sorted(set(cpus))
 
 
-def unescape_octal(text: str) -> str:
-    """/proc/swaps and mountinfo write space, tab, newline and backslash as \\040 etc."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
 # ---- CPU -----------------------------------------------------------------------------------
 
 
@@ -146,12 +141,7 @@ def read_cpu(r: Reader) -> CpuFacts:
 
 
 def read_memory(r: Reader) -> MemoryFacts:
-    info: dict[str, int] = {}
-    for line in (r.read("proc/meminfo") or "").splitlines():
-        key, _, rest = line.partition(":")
-        value = rest.split()
-        if value and value[0].isdigit():
-            info[key] = int(value[0])
+    info = procfs.parse_meminfo(r.read("proc/meminfo") or "")
     psi: dict[str, Pressure] = {}
     for line in (r.read("proc/pressure/memory", quiet=True) or "").splitlines():
         kind, *pairs = line.split()
@@ -250,8 +240,8 @@ def read_mounts(r: Reader) -> tuple[list[Mount], list[tuple[str, str, str]]]:
         fields, rest = left.split(), right.split()
         if not sep or len(fields) < 5 or len(rest) < 2:
             continue
-        majmin, mount_point = fields[2], unescape_octal(fields[4])
-        fstype, source = rest[0], unescape_octal(rest[1])
+        majmin, mount_point = fields[2], procfs.unescape(fields[4])
+        fstype, source = rest[0], procfs.unescape(rest[1])
         all_lines.append((mount_point, fstype, rest[2] if len(rest) > 2 else ""))
         if fstype in _VIRTUAL_FS:
             continue
@@ -299,15 +289,11 @@ def mount_for(path: str, mounts: list[Mount]) -> Mount | None:
 
 def read_swaps(r: Reader, mounts: list[Mount]) -> list[SwapArea]:
     areas = []
-    for line in (r.read("proc/swaps") or "").splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 5:
-            continue
-        area, kind, size, used, prio = parts[:5]
+    for row in procfs.parse_swaps(r.read("proc/swaps") or ""):
+        area, kind, path = row.shown, row.type, row.path
         if kind not in ("partition", "file"):  # lxcfs shows a container's swap limit as "none virtual"
             r.notes.append(f"swap area {area}: type {kind!r} is neither a partition nor a file; left out")
             continue
-        path = unescape_octal(area)
         if kind == "partition":
             device, cls = _device_of_dev_path(r, path)
         else:
@@ -319,9 +305,9 @@ def read_swaps(r: Reader, mounts: list[Mount]) -> list[SwapArea]:
             SwapArea(
                 area=area,
                 type=kind,
-                size_kib=int(size),
-                used_kib=int(used),
-                priority=int(prio),
+                size_kib=row.size_kib,
+                used_kib=row.used_kib,
+                priority=row.priority,
                 device=device,
                 device_class=cls,
             )

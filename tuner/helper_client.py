@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from autoglm_helper.service import ACTIONS, BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import BUS_NAME, ERROR_PREFIX, INTERFACE, METHODS, OBJECT_PATH
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast._private.address import get_bus_address  # what BusType.SYSTEM connects to: the env or the default
 from dbus_fast.aio import MessageBus
@@ -64,7 +64,7 @@ GROUP_RULE = "systemd/polkit/50-autoglm-tune.rules"
 
 def not_authorized_hint(member: str) -> str:
     """What lets the caller through: the polkit action of `member` and the example group rule, or sudo."""
-    action = ACTIONS.get(member)
+    action = METHODS[member].action if member in METHODS else None
     what = f"polkit action {action}" if action else "the bus policy"
     return (f"{what}: the example rule {GROUP_RULE} grants it to the group autoglm (copy it to /etc/polkit-1/rules.d/, "
             "then 'sudo usermod -aG autoglm $USER' and log in again), or run with sudo")

@@ -28,7 +28,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from autoglm_helper.catalogue import ENV_NAME, MODEL_MEMORY_SHARE_MAX, MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
+from autoglm_helper.contract import procfs
+from autoglm_helper.contract.catalogue import (
+    ENV_NAME,
+    MODEL_MEMORY_SHARE_MAX,
+    MODEL_NICE_RANGE,
+    MODEL_OOM_SCORE_ADJ_RANGE,
+)
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -582,15 +588,12 @@ def spec_text(spec: LaunchSpec) -> str:
 
 
 def _meminfo() -> dict[str, int]:
-    out = {}
+    """/proc/meminfo in bytes; empty when it cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
-            for line in fh:
-                name, _, rest = line.partition(":")
-                out[name] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
+            return {name: kib * 1024 for name, kib in procfs.parse_meminfo(fh.read()).items()}
+    except OSError:
+        return {}
 
 
 def _cap_eff() -> int:

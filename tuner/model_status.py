@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autoglm_helper.catalogue import IO_CLASS_NUMBERS
+from autoglm_helper.contract.catalogue import IO_CLASS_NUMBERS
 
 from .procsettings import cpu_ranges
 

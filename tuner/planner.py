@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoglm_helper import catalogue
-from autoglm_helper.catalogue import CatalogueError, Value
-from autoglm_helper.plan_schema import PLAN_VERSION, Change
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.catalogue import CatalogueError, Value
+from autoglm_helper.contract.plan_schema import PLAN_VERSION, Change
 
 from . import rules
 from .collect import mount_for

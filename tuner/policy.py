@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from autoglm_helper import catalogue
-from autoglm_helper.catalogue import CatalogueError
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.catalogue import CatalogueError
 
 from .errors import BadInput
 from .facts import DEVICE_CLASSES

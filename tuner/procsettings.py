@@ -17,7 +17,7 @@ import resource
 import signal
 from dataclasses import asdict, dataclass
 
-from autoglm_helper.catalogue import IO_CLASS_NUMBERS, SCHED_NUMBERS
+from autoglm_helper.contract.catalogue import IO_CLASS_NUMBERS, SCHED_NUMBERS
 
 IOPRIO_WHO_PROCESS = 1
 IOPRIO_CLASS_SHIFT = 13

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import typer
-from autoglm_helper.plan_schema import Change
+from autoglm_helper.contract.plan_schema import Change
 
 from .collect import tuner_unit
 from .facts import Facts

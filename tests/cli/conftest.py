@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autoglm_helper.catalogue import SCALAR_KNOBS
+from autoglm_helper.contract.catalogue import SCALAR_KNOBS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helper"))
 

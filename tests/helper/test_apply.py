@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autoglm_helper.plan_schema import MAX_PLAN_BYTES
-from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.plan_schema import MAX_PLAN_BYTES
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from helper_parts import BIN, Bus, Helper, cli, full_plan, live, machine, plan_json, read_knobs, scalar_change

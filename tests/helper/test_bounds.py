@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from autoglm_helper.plan_schema import MAX_PLAN_BYTES
-from autoglm_helper.service import ARG_BYTES, ERROR_PREFIX, MAX_CALLS_IN_FLIGHT, SIGNATURES
+from autoglm_helper.contract.bus import ERROR_PREFIX, METHODS
+from autoglm_helper.contract.plan_schema import MAX_PLAN_BYTES
+from autoglm_helper.service import MAX_CALLS_IN_FLIGHT
 from dbus_fast import MessageType
 from helper_parts import BIN, DENIED_USER, Bus, Helper
 
@@ -79,17 +80,16 @@ def memory_kib(h: Helper, field: str) -> int:
 
 
 def test_every_string_argument_has_a_cap() -> None:
-    strings = {(m, n) for m, (sig, names) in SIGNATURES.items() for t, n in zip(sig, names.split(), strict=True)
-               if t == "s"}
-    assert strings == set(ARG_BYTES)
-    assert ARG_BYTES["Apply", "plan_json"] == MAX_PLAN_BYTES
+    assert all(a.max_bytes for m in METHODS.values() for a in m.args if a.type == "s")
+    assert METHODS["Apply"].args[0].max_bytes == MAX_PLAN_BYTES
 
 
-@pytest.mark.parametrize("member", sorted({m for m, _ in ARG_BYTES}))
+@pytest.mark.parametrize("member", sorted(m.name for m in METHODS.values() if "s" in m.signature))
 def test_an_argument_one_byte_over_its_cap_is_refused_naming_it(helper: Helper, member: str) -> None:
-    sig, names = SIGNATURES[member]
-    (name,) = (n for t, n in zip(sig, names.split(), strict=True) if t == "s")
-    cap = ARG_BYTES[member, name]
+    sig = METHODS[member].signature
+    (arg,) = (a for a in METHODS[member].args if a.type == "s")
+    name, cap = arg.name, arg.max_bytes
+    assert cap is not None
     # cap characters, cap + 1 bytes: the cap is on the UTF-8 bytes the bus carries
     body = [(cap - 1) * "x" + "é" if t == "s" else {"u": 1, "b": True, "h": 0}[t] for t in sig]
     reply = helper.c.call(member, sig, body)

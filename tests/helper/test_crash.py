@@ -15,7 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from autoglm_helper import catalogue, knobs, transaction
+from autoglm_helper import knobs, transaction
+from autoglm_helper.contract import catalogue
 from helper_parts import (
     SWAP_DIR_ROOT,
     Bus,

@@ -15,8 +15,9 @@ from collections import Counter
 from typing import Any
 
 import hypothesis.strategies as st
-from autoglm_helper import catalogue, knobs, plan_schema
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper import knobs
+from autoglm_helper.contract import catalogue, plan_schema
+from autoglm_helper.contract.bus import ERROR_PREFIX
 from dbus_fast import MessageType
 from helper_parts import Helper, live, machine, plan_json
 from hypothesis import HealthCheck, event, given, settings

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import tomli_w
-from autoglm_helper.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper.contract.bus import ERROR_PREFIX
+from autoglm_helper.contract.catalogue import MODEL_NICE_RANGE, MODEL_OOM_SCORE_ADJ_RANGE
 from helper_parts import ALLOWED_USER, BIN, DENIED_USER, Bus, Helper
 from support import CAP_SYS_RESOURCE, free_port, has_capability
 
@@ -36,7 +36,7 @@ CALLER = """
 import asyncio, json, sys
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-from autoglm_helper.service import BUS_NAME, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import BUS_NAME, INTERFACE, OBJECT_PATH
 
 async def main():
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
@@ -363,7 +363,7 @@ def test_model_cgroups_are_never_nested_never_reused_and_capped_per_user(helper:
 RACE = """
 import json, os, subprocess, sys
 from autoglm_helper import model
-from autoglm_helper.transaction import HelperError
+from autoglm_helper.contract.bus import HelperError
 
 mode, threaded = sys.argv[1], sys.argv[2]
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 
-from autoglm_helper.service import BUS_NAME, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import BUS_NAME, INTERFACE, OBJECT_PATH
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from helper_parts import Helper

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autoglm_helper import catalogue, knobs
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper import knobs
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.bus import ERROR_PREFIX
 from helper_parts import SWAP_DIR_ROOT, Helper, plan_json
 
 

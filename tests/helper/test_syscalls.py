@@ -12,8 +12,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from autoglm_helper import catalogue, knobs
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper import knobs
+from autoglm_helper.contract import catalogue
+from autoglm_helper.contract.bus import ERROR_PREFIX
 from helper_parts import SWAP_DIR_ROOT, Helper, _wait, live, plan_json, scalar_change
 
 LINE = re.compile(r"(?:(\d+) +)?(?:<\.\.\. (\w+) resumed>(.*)|(\w+)\((.*))")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from autoglm_helper import catalogue
+from autoglm_helper.contract import catalogue
 from container import CLI, Client, Container, prepare, start_units
 
 KNOB_FILES = [f"/{k.path}" for k in catalogue.SCALAR_KNOBS.values()]

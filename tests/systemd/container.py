@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoglm_helper.service import BUS_NAME, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.bus import BUS_NAME, INTERFACE, OBJECT_PATH
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 

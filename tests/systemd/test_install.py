@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from autoglm_helper.service import BUS_NAME
+from autoglm_helper.contract.bus import BUS_NAME
 from container import SYSTEMD, Client, Container, ok
 
 CLI = str(Path(sys.executable).parent / "autoglm-tune")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from autoglm_helper.catalogue import MODEL_UNIT_PREFIX
+from autoglm_helper.contract.bus import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
+from autoglm_helper.contract.catalogue import MODEL_UNIT_PREFIX
 from autoglm_helper.model import TASKS_MAX
-from autoglm_helper.service import BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH
 from autoglm_tune import gguf_header
 from container import CLI, Client, Container
 from dbus_fast import Message, MessageType

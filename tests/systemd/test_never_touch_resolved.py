@@ -9,7 +9,7 @@ nftables.service); the dependents are test units under stand-ins for networking,
 from __future__ import annotations
 
 import pytest
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper.contract.bus import ERROR_PREFIX
 from container import Client, Container, error, ok, plan, snapshot, unit_change
 
 

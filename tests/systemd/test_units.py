@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from autoglm_helper.service import ERROR_PREFIX
+from autoglm_helper.contract.bus import ERROR_PREFIX
 from container import ALIAS, CLI, ETC_UNIT, Client, Container, error, ok, plan, snapshot, unit_change
 from dbus_fast import MessageType
 

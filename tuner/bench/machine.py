@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autoglm_helper.contract import procfs
+
 from ..errors import TuneError
 from .design import MIB
 from .stats import percentile
@@ -35,11 +37,7 @@ def write_value(path: str | Path, value: str) -> None:
 
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in KiB (HugePages_* are counts)."""
-    out = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        out[name] = int(rest.split()[0])
-    return out
+    return procfs.parse_meminfo(Path("/proc/meminfo").read_text())
 
 
 def vmstat(key: str) -> int:
@@ -53,7 +51,7 @@ def vmstat(key: str) -> int:
 def setting_paths() -> dict[str, str]:
     """Every setting a bench configuration may change (the helper's catalogue, hugetlb, and what TuneD's
     throughput-performance profile writes) → its file, for those this kernel has."""
-    from autoglm_helper import catalogue
+    from autoglm_helper.contract import catalogue
 
     paths = {name: f"/{knob.path}" for name, knob in catalogue.SCALAR_KNOBS.items()}
     paths |= {
@@ -81,12 +79,8 @@ def read_settings(paths: dict[str, str]) -> dict[str, str]:
 
 
 def read_swaps() -> dict[str, int]:
-    """Active swap areas → priority."""
-    out = {}
-    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
-        fields = line.split()
-        out[fields[0]] = int(fields[4])
-    return out
+    """Active swap areas (as /proc/swaps shows them) → priority."""
+    return {a.shown: a.priority for a in procfs.parse_swaps(Path("/proc/swaps").read_text())}
 
 
 class Guard:
