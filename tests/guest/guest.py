@@ -115,6 +115,7 @@ class Snapshot:
 
     folder: Path
     image: Path
+    memory: str = "4G"
 
     @property
     def state(self) -> Path:
@@ -133,9 +134,10 @@ class Installed:
 class Guest:
     """One running guest on its own overlays. `ssh()` runs a shell command line as a user of the guest."""
 
-    def __init__(self, workdir: Path, image: Path) -> None:
+    def __init__(self, workdir: Path, image: Path, memory: str = "4G") -> None:
         self.workdir = workdir
         self.image = image
+        self.memory = memory  # QEMU's -m; a saved state resumes only with the memory it was saved with
         self.port = free_port()
         self.key = image / "key"
         self.qmp: Qmp | None = None
@@ -146,7 +148,7 @@ class Guest:
     def _qemu_argv(self, incoming: Path | None) -> list[str]:
         w = self.workdir
         argv = [
-            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", "2", "-m", "4G",
+            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", "2", "-m", self.memory,
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 quiet mitigations=off",
@@ -230,7 +232,7 @@ class Guest:
             shutil.move(self.workdir / f"{disk}.qcow2", dest)
             dest.chmod(0o444)
         tmp.rename(folder / "state.zst")
-        return Snapshot(folder, self.image)
+        return Snapshot(folder, self.image, self.memory)
 
     def stop(self) -> None:
         self.close_ssh()
@@ -340,20 +342,21 @@ class Guest:
 
 # --- what goes into a guest --------------------------------------------------------------------------
 
-def booted_snapshot() -> Snapshot:
-    """The image booted once and saved, cached beside the image (about 1-2 min the first time)."""
+def booted_snapshot(memory: str = "4G") -> Snapshot:
+    """The image booted once with `memory` of RAM and saved, cached beside the image (about 1-2 min the first
+    time)."""
     image = build_image()
-    # keyed by the machine's shape: a saved state resumes only into the same devices
-    shape = Guest(Path("/W"), image)
+    # keyed by the machine's shape: a saved state resumes only into the same devices and memory size
+    shape = Guest(Path("/W"), image, memory)
     shape.port = 0
     recipe = hashlib.sha256(json.dumps(shape._qemu_argv(None)).encode()).hexdigest()[:12]
     folder = image / f"booted-{recipe}"
     if (folder / "state.zst").exists():
-        return Snapshot(folder, image)
+        return Snapshot(folder, image, memory)
     work = Path(f"{folder}.work")
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
-    guest = Guest(work, image)
+    guest = Guest(work, image, memory)
     try:
         guest.boot()
         booted = time.monotonic() - started
@@ -366,7 +369,7 @@ def booted_snapshot() -> Snapshot:
         f"cold boot to ssh {booted:.0f} s, booted and saved {time.monotonic() - started:.0f} s\n")
     os.replace(f"{folder}.tmp", folder)
     shutil.rmtree(work, ignore_errors=True)
-    return Snapshot(folder, snap.image)
+    return Snapshot(folder, snap.image, memory)
 
 
 def wheelhouse() -> Path:
