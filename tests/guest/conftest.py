@@ -44,7 +44,7 @@ def booted() -> Snapshot:
 def installed(booted: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The README's install command, word for word, by alice (a sudo user) in her checkout; then saved."""
     work = tmp_path_factory.mktemp("installed")
-    g = Guest(work / "run", booted.image, booted.memory)
+    g = Guest(work / "run", booted.image, booted.memory, booted.cpus)
     started = time.monotonic()
     try:
         g.resume(booted, nvme=False)  # the NVMe disk is hot-plugged per test: QEMU cannot save it
@@ -87,7 +87,7 @@ def guest_from(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
     running: list[Guest] = []
 
     def start(snap: Snapshot, nvme: bool = True) -> Guest:
-        g = Guest(tmp_path / f"guest{len(running)}", snap.image, snap.memory)
+        g = Guest(tmp_path / f"guest{len(running)}", snap.image, snap.memory, snap.cpus)
         running.append(g)
         t0 = time.monotonic()
         g.resume(snap, nvme=nvme)

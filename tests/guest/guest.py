@@ -116,6 +116,7 @@ class Snapshot:
     folder: Path
     image: Path
     memory: str = "4G"
+    cpus: int = 2
 
     @property
     def state(self) -> Path:
@@ -134,10 +135,12 @@ class Installed:
 class Guest:
     """One running guest on its own overlays. `ssh()` runs a shell command line as a user of the guest."""
 
-    def __init__(self, workdir: Path, image: Path, memory: str = "4G") -> None:
+    def __init__(self, workdir: Path, image: Path, memory: str = "4G", cpus: int = 2) -> None:
         self.workdir = workdir
         self.image = image
-        self.memory = memory  # QEMU's -m; a saved state resumes only with the memory it was saved with
+        # QEMU's -m and -smp; a saved state resumes only with the memory and CPUs it was saved with
+        self.memory = memory
+        self.cpus = cpus
         self.port = free_port()
         self.key = image / "key"
         self.qmp: Qmp | None = None
@@ -148,7 +151,7 @@ class Guest:
     def _qemu_argv(self, incoming: Path | None) -> list[str]:
         w = self.workdir
         argv = [
-            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", "2", "-m", self.memory,
+            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", str(self.cpus), "-m", self.memory,
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 quiet mitigations=off",
@@ -232,7 +235,7 @@ class Guest:
             shutil.move(self.workdir / f"{disk}.qcow2", dest)
             dest.chmod(0o444)
         tmp.rename(folder / "state.zst")
-        return Snapshot(folder, self.image, self.memory)
+        return Snapshot(folder, self.image, self.memory, self.cpus)
 
     def stop(self) -> None:
         self.close_ssh()
@@ -342,21 +345,21 @@ class Guest:
 
 # --- what goes into a guest --------------------------------------------------------------------------
 
-def booted_snapshot(memory: str = "4G") -> Snapshot:
-    """The image booted once with `memory` of RAM and saved, cached beside the image (about 1-2 min the first
-    time)."""
+def booted_snapshot(memory: str = "4G", cpus: int = 2) -> Snapshot:
+    """The image booted once with `memory` of RAM and `cpus` vCPUs and saved, cached beside the image (about
+    1-2 min the first time)."""
     image = build_image()
-    # keyed by the machine's shape: a saved state resumes only into the same devices and memory size
-    shape = Guest(Path("/W"), image, memory)
+    # keyed by the machine's shape: a saved state resumes only into the same devices, memory and CPUs
+    shape = Guest(Path("/W"), image, memory, cpus)
     shape.port = 0
     recipe = hashlib.sha256(json.dumps(shape._qemu_argv(None)).encode()).hexdigest()[:12]
     folder = image / f"booted-{recipe}"
     if (folder / "state.zst").exists():
-        return Snapshot(folder, image, memory)
+        return Snapshot(folder, image, memory, cpus)
     work = Path(f"{folder}.work")
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
-    guest = Guest(work, image, memory)
+    guest = Guest(work, image, memory, cpus)
     try:
         guest.boot()
         booted = time.monotonic() - started
@@ -369,7 +372,7 @@ def booted_snapshot(memory: str = "4G") -> Snapshot:
         f"cold boot to ssh {booted:.0f} s, booted and saved {time.monotonic() - started:.0f} s\n")
     os.replace(f"{folder}.tmp", folder)
     shutil.rmtree(work, ignore_errors=True)
-    return Snapshot(folder, snap.image, memory)
+    return Snapshot(folder, snap.image, memory, cpus)
 
 
 def wheelhouse() -> Path:
