@@ -317,8 +317,9 @@ def test_the_example_fleet_playbook_over_ssh_on_three_shapes(fleet: dict[str, Gu
     # the real run: each host exactly as its reviewed plan says, the model service running
     applied = admin.play("--tags", "tune")
     assert applied.returncode == 0, applied.stdout + applied.stderr
-    for n, g in fleet.items():
-        assert live(g) == as_planned(before[n], plans[n]), n
+    now = {n: live(g) for n, g in fleet.items()}
+    assert now == {n: as_planned(before[n], plans[n]) for n in fleet}  # every host's difference at once
+    for g in fleet.values():
         assert g.ssh("systemctl is-active autoglm-model.service", check=False).stdout.strip() == "active", \
             g.journal("autoglm-model.service")
 
@@ -329,7 +330,7 @@ def test_the_example_fleet_playbook_over_ssh_on_three_shapes(fleet: dict[str, Gu
 
     undone = admin.play("--tags", "rollback", "-e", "autoglm_state=rolled_back")
     assert undone.returncode == 0, undone.stdout + undone.stderr
-    for n, g in fleet.items():
-        assert live(g) == before[n], n
+    assert {n: live(g) for n, g in fleet.items()} == before
+    for g in fleet.values():
         assert g.ssh("test -e /etc/autoglm-tune/policy.d/50-fleet.toml", check=False).returncode == 1
     figure(f"fleet: the example playbook's steps on three guests in {time.monotonic() - started:.0f} s")
