@@ -318,7 +318,9 @@ def test_the_example_fleet_playbook_over_ssh_on_three_shapes(fleet: dict[str, Gu
     applied = admin.play("--tags", "tune")
     assert applied.returncode == 0, applied.stdout + applied.stderr
     now = {n: live(g) for n, g in fleet.items()}
-    assert now == {n: as_planned(before[n], plans[n]) for n in fleet}  # every host's difference at once
+    planned = {n: as_planned(before[n], plans[n]) for n in fleet}
+    assert now == planned, {n: {k: {"live": now[n][k], "planned": planned[n][k]} for k in now[n]
+                                if now[n][k] != planned[n][k]} for n in fleet if now[n] != planned[n]}
     for g in fleet.values():
         assert g.ssh("systemctl is-active autoglm-model.service", check=False).stdout.strip() == "active", \
             g.journal("autoglm-model.service")
