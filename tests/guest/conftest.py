@@ -1,5 +1,6 @@
 """Fixtures of the guest suite: the saved booted Debian 13 machine, the same machine after the README's install
-command (run once per session by a sudo user, then saved), and a fresh copy of either for each test.
+command (run once per session by a sudo user, then saved), a fresh copy of either for each test, and the guest's
+llama-server and tiny model.
 
 Needs root, QEMU and mmdebstrap (tests/run installs them). Without them this is a skip on a developer machine
 and a failure under CI=true (conftest at the top)."""
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import guest as guest_host
 import pytest
-from guest import Guest, Installed, Snapshot, figure
+from guest import HERE, Guest, Installed, Snapshot, figure
 
 
 def _needs() -> str | None:
@@ -42,7 +44,7 @@ def booted() -> Snapshot:
 def installed(booted: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The README's install command, word for word, by alice (a sudo user) in her checkout; then saved."""
     work = tmp_path_factory.mktemp("installed")
-    g = Guest(work / "run", booted.image)
+    g = Guest(work / "run", booted.image, booted.memory, booted.cpus)
     started = time.monotonic()
     try:
         g.resume(booted, nvme=False)  # the NVMe disk is hot-plugged per test: QEMU cannot save it
@@ -60,6 +62,24 @@ def installed(booted: Snapshot, tmp_path_factory: pytest.TempPathFactory) -> Ite
     yield Installed(snap, command, result)
 
 
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """llama-server without AVX for the guest's CPU model, cached (about 4 min to build once)."""
+    done = subprocess.run([str(HERE / "build-llama-server.sh")], check=True, capture_output=True, text=True)
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The launch suite's tiny random-weight model (tests/launch/conftest.py makes it the same way)."""
+    llama_python = Path("/opt/autoglm-llama-venv/bin/python")
+    vocab = Path("/opt/llama-build/vocab/ggml-vocab-llama-spm.gguf")
+    out = tmp_path_factory.mktemp("guest-model") / "tiny.gguf"
+    worker = HERE.parent.parent / "tuner" / "bench" / "worker.py"
+    subprocess.run([str(llama_python), str(worker), "model", "tiny", str(vocab), str(out)], check=True, timeout=300)
+    return out
+
+
 @pytest.fixture
 def guest_from(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
     """Start a fresh copy of a saved machine (NVMe hot-plugged); stopped after the test, its console and
@@ -67,7 +87,7 @@ def guest_from(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Calla
     running: list[Guest] = []
 
     def start(snap: Snapshot, nvme: bool = True) -> Guest:
-        g = Guest(tmp_path / f"guest{len(running)}", snap.image)
+        g = Guest(tmp_path / f"guest{len(running)}", snap.image, snap.memory, snap.cpus)
         running.append(g)
         t0 = time.monotonic()
         g.resume(snap, nvme=nvme)

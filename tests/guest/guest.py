@@ -115,6 +115,8 @@ class Snapshot:
 
     folder: Path
     image: Path
+    memory: str = "4G"
+    cpus: int = 2
 
     @property
     def state(self) -> Path:
@@ -133,9 +135,12 @@ class Installed:
 class Guest:
     """One running guest on its own overlays. `ssh()` runs a shell command line as a user of the guest."""
 
-    def __init__(self, workdir: Path, image: Path) -> None:
+    def __init__(self, workdir: Path, image: Path, memory: str = "4G", cpus: int = 2) -> None:
         self.workdir = workdir
         self.image = image
+        # QEMU's -m and -smp; a saved state resumes only with the memory and CPUs it was saved with
+        self.memory = memory
+        self.cpus = cpus
         self.port = free_port()
         self.key = image / "key"
         self.qmp: Qmp | None = None
@@ -146,7 +151,7 @@ class Guest:
     def _qemu_argv(self, incoming: Path | None) -> list[str]:
         w = self.workdir
         argv = [
-            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", "2", "-m", "4G",
+            "qemu-system-x86_64", "-machine", "q35", *accel(), "-smp", str(self.cpus), "-m", self.memory,
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(self.image / "vmlinuz"), "-initrd", str(self.image / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 quiet mitigations=off",
@@ -230,7 +235,7 @@ class Guest:
             shutil.move(self.workdir / f"{disk}.qcow2", dest)
             dest.chmod(0o444)
         tmp.rename(folder / "state.zst")
-        return Snapshot(folder, self.image)
+        return Snapshot(folder, self.image, self.memory, self.cpus)
 
     def stop(self) -> None:
         self.close_ssh()
@@ -340,20 +345,21 @@ class Guest:
 
 # --- what goes into a guest --------------------------------------------------------------------------
 
-def booted_snapshot() -> Snapshot:
-    """The image booted once and saved, cached beside the image (about 1-2 min the first time)."""
+def booted_snapshot(memory: str = "4G", cpus: int = 2) -> Snapshot:
+    """The image booted once with `memory` of RAM and `cpus` vCPUs and saved, cached beside the image (about
+    1-2 min the first time)."""
     image = build_image()
-    # keyed by the machine's shape: a saved state resumes only into the same devices
-    shape = Guest(Path("/W"), image)
+    # keyed by the machine's shape: a saved state resumes only into the same devices, memory and CPUs
+    shape = Guest(Path("/W"), image, memory, cpus)
     shape.port = 0
     recipe = hashlib.sha256(json.dumps(shape._qemu_argv(None)).encode()).hexdigest()[:12]
     folder = image / f"booted-{recipe}"
     if (folder / "state.zst").exists():
-        return Snapshot(folder, image)
+        return Snapshot(folder, image, memory, cpus)
     work = Path(f"{folder}.work")
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
-    guest = Guest(work, image)
+    guest = Guest(work, image, memory, cpus)
     try:
         guest.boot()
         booted = time.monotonic() - started
@@ -366,7 +372,7 @@ def booted_snapshot() -> Snapshot:
         f"cold boot to ssh {booted:.0f} s, booted and saved {time.monotonic() - started:.0f} s\n")
     os.replace(f"{folder}.tmp", folder)
     shutil.rmtree(work, ignore_errors=True)
-    return Snapshot(folder, snap.image)
+    return Snapshot(folder, snap.image, memory, cpus)
 
 
 def wheelhouse() -> Path:

@@ -6,13 +6,11 @@ the rendered `launch --unit` installed, enabled and started by systemd at boot a
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from guest import HERE, Guest, Installed, figure
+from guest import Guest, Installed, figure
 
 PORT = 8080
 UNIT = f"autoglm-model-1000-{PORT}.service"  # alice is uid 1000
@@ -31,24 +29,6 @@ COMPLETION = (
     "headers={'Content-Type': 'application/json'}), timeout=300); "
     "print(json.dumps({'status': r.status, 'body': json.load(r)}))"
 )
-
-
-@pytest.fixture(scope="module")
-def llama_server() -> Path:
-    """llama-server without AVX for the guest's CPU model, cached (about 4 min to build once)."""
-    done = subprocess.run([str(HERE / "build-llama-server.sh")], check=True, capture_output=True, text=True)
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The launch suite's tiny random-weight model (tests/launch/conftest.py makes it the same way)."""
-    llama_python = Path("/opt/autoglm-llama-venv/bin/python")
-    vocab = Path("/opt/llama-build/vocab/ggml-vocab-llama-spm.gguf")
-    out = tmp_path_factory.mktemp("guest-model") / "tiny.gguf"
-    worker = HERE.parent.parent / "tuner" / "bench" / "worker.py"
-    subprocess.run([str(llama_python), str(worker), "model", "tiny", str(vocab), str(out)], check=True, timeout=300)
-    return out
 
 
 def prepare(g: Guest, llama_server: Path, tiny_gguf: Path) -> None:
