@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from .contract import catalogue, procfs
@@ -24,6 +24,14 @@ SWAP_FILE_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs")  # no CoW, fallocate giv
 _libc = ctypes.CDLL(None, use_errno=True)
 
 Step = dict[str, Any]
+
+# How an area is swapped on where the helper runs in a mount namespace of its own (its unit's ProtectSystem=,
+# PrivateMounts=): a swapon from in there ties the area to the namespace's copy of the mount, and once the helper
+# exits and the namespace is gone /proc/swaps names it by a path relative to that detached mount
+# ("/autoglm-tune.swap", "/sda1"), which no reader can find again (found by tests/guest/test_fleet.py). The
+# service sets this to units.Systemd.swapon when PID 1 is systemd: swapon(8) run by systemd, in PID 1's mount
+# namespace. None: the syscall here (no systemd on the bus, as in the host tests).
+host_swapon: Callable[[str, int], None] | None = None
 
 
 def swap_areas() -> dict[str, tuple[int, int, int]]:
@@ -66,7 +74,14 @@ def filesystem_of(path: str) -> str:
 
 
 def _swapon(fd: int, priority: int, shown: str) -> None:
-    """swapon the file or device open as `fd`, through /proc/self/fd: the name is not looked up again."""
+    """swapon the file or device open as `fd`, through /proc/self/fd: the name is not looked up again. Under
+    systemd, swapon(8) by its path `shown` in PID 1's mount namespace instead (host_swapon above); the path's
+    directories were checked root-owned and not writable by others, so it names the file that `fd` is."""
+    if host_swapon is not None:
+        host_swapon(shown, priority)
+        if shown not in swap_areas():
+            raise OSError(errno.EIO, f"swapon {shown}: swapon(8) did not turn it on (its unit's log is in the journal)")
+        return
     flags = SWAP_FLAG_PREFER | priority if priority >= 0 else 0
     if _libc.swapon(f"/proc/self/fd/{fd}".encode(), flags) != 0:
         err = ctypes.get_errno()

@@ -43,6 +43,8 @@ SYSTEMD = "org.freedesktop.systemd1"
 MANAGER = ("/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")
 CALL_TIMEOUT = 30.0
 JOB_TIMEOUT = 120.0
+SWAPON = "/usr/sbin/swapon" if os.path.exists("/usr/sbin/swapon") else "/sbin/swapon"  # util-linux
+CAP_SYS_ADMIN = 21  # linux/capability.h
 LINK_DIRS = ("/etc/systemd/system/", "/run/systemd/system/")  # where recorded links may be put back
 DEPENDENCY_KINDS = {"wants": "Wants", "requires": "Requires"}  # link directories AddDependencyUnitFiles makes
 LINK_CALLS = ("LinkUnitFiles", "AddDependencyUnitFiles", "EnableUnitFiles")  # a linked file first, aliases last
@@ -178,6 +180,21 @@ class Systemd:
             detail = reply.body[0] if reply.body else ""
             raise OSError(f"systemd StartTransientUnit {unit}: {reply.error_name}: {detail}")
         self.wait_job(reply.body[0], f"StartTransientUnit {unit}")
+
+    def swapon(self, path: str, priority: int) -> None:
+        """swapon(8) on `path` in a transient oneshot unit: systemd runs it in PID 1's mount namespace, so the area
+        keeps its name in /proc/swaps after the helper's own namespace is gone (knobs.host_swapon). Only
+        CAP_SYS_ADMIN, no new privileges; the caller reads /proc/swaps back."""
+        argv = [SWAPON, *(["--priority", str(priority)] if priority >= 0 else []), "--", path]
+        unit = f"autoglm-tune-swapon-{os.getpid()}-{time.monotonic_ns()}.service"
+        self.start_transient(unit, [
+            ["Description", Variant("s", f"autoglm-tune: swapon {path}")],
+            ["Type", Variant("s", "oneshot")],
+            ["ExecStart", Variant("a(sasb)", [[SWAPON, argv, False]])],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+            ["CapabilityBoundingSet", Variant("t", 1 << CAP_SYS_ADMIN)],
+            ["NoNewPrivileges", Variant("b", True)],
+        ], [])
 
     def wait_job(self, job: str, what: str) -> None:
         """Wait until the job object is gone (finished, whatever its result)."""
