@@ -469,3 +469,10 @@ def test_facts_without_a_calibration_still_load_and_a_bad_one_is_one_line(
     done = cli(tmp_path, "plan", "--facts", str(bad))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"autoglm-tune: error: --facts {bad}: facts.calibration.nice: expected int, got 'low'\n"
+
+
+def test_a_ratio_rounded_to_0_is_stated_not_divided_by() -> None:
+    """paired_ratio rounds to 3 places: a candidate measured 2000× slower (a stalled burst) has ratio 0.0."""
+    interval = {"n": 3, "ratio": 0.002, "low": 0.0, "high": 0.01}
+    assert core._inverse(interval) == "500.00× [100.00–over 1000] of"
+    assert core._inverse({"n": 1, "ratio": 0.0, "low": None, "high": None}) == "over 1000× of"

@@ -355,8 +355,13 @@ def _inverse(interval: dict[str, Any]) -> str:
     """choice ÷ candidate from candidate ÷ choice: the figure a reason states ("1.69× [1.60–1.78] of X")."""
     ratio, low, high = interval["ratio"], interval["low"], interval["high"]
     if low is None or high is None:
-        return f"{1 / ratio:.2f}× of"
-    return f"{1 / ratio:.2f}× [{1 / high:.2f}–{1 / low:.2f}] of"
+        return f"{_reciprocal(ratio)}× of"
+    return f"{_reciprocal(ratio)}× [{_reciprocal(high)}–{_reciprocal(low)}] of"
+
+
+def _reciprocal(x: float) -> str:
+    """1/x to 2 places; paired_ratio rounds to 3, so a candidate 2000× slower has ratio 0: "over 1000"."""
+    return f"{1 / x:.2f}" if x > 0 else "over 1000"
 
 
 def drop_in(r: Result) -> str:
