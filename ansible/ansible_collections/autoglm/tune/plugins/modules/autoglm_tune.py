@@ -67,7 +67,7 @@ options:
         choice (CPU set, threads and, as root, nice) to O(calibrate_output), which C(plan) then uses.
       - Runs only when O(calibrate_output) is missing or stale (another CPU topology or model file, as
         C(autoglm-tune facts --json) reports it), so a second run reports no change; delete the file to
-        measure again. C(changed) when the file's content changes. In check mode nothing is measured: it reports
+        measure again. C(changed) when the file's content changes. In check mode nothing is measured; it reports
         C(would_calibrate) and C(changed) when a calibration would run. Only with O(state=applied).
     type: bool
     default: false
@@ -161,7 +161,7 @@ diff:
   returned: when diff mode is on and something changes
 calibration:
   description:
-    - With O(calibrate), C(path) (the drop-in), C(changed), C(would_calibrate) (a calibration was due: the
+    - With O(calibrate), C(path) (the drop-in), C(changed), C(would_calibrate) (a calibration was due, the
       drop-in was missing or stale) and, when one ran, C(result) (C(autoglm-tune calibrate --json)'s object,
       less its C(drop_in) text).
   type: dict
