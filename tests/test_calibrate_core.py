@@ -4,16 +4,19 @@ the model file or the CPU topology changes. The measurement itself needs a real 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from autoglm_tune import calibrate_core as core
 from autoglm_tune.collect import collect_facts
 from autoglm_tune.errors import BadInput
-from autoglm_tune.facts import Facts
+from autoglm_tune.facts import Facts, facts_from_json
 from autoglm_tune.planner import make_plan
 from autoglm_tune.policy import load_policy
+from support import CLI
 from trees import built_trees
 
 
@@ -273,3 +276,203 @@ def test_a_difference_inside_the_band_is_a_tie_even_when_decided() -> None:
     assert core.verdict({"low": 1.005, "high": 1.02}) == "same"
     assert core.verdict({"low": 0.90, "high": 0.96}) == "slower"
     assert core.verdict({"low": 0.95, "high": 1.10}) == "undecided"
+
+
+# ---- nice under a light background load ---------------------------------------------------------
+
+
+CHOSEN = core.Candidate("physical cores", (0, 1))
+
+
+def nice_rounds(plan: list[float], zero: list[float]) -> list[dict[str, float]]:
+    return [{"nice -10 (the plan's)": x, "nice 0": y} for x, y in zip(plan, zero, strict=True)]
+
+
+def test_nice_candidates_are_the_chosen_set_at_the_plans_nice_first_then_nice_0() -> None:
+    plan, zero = core.nice_candidates(CHOSEN, -10)
+    assert (plan.name, plan.cpus, plan.nice, plan.default) == ("nice -10 (the plan's)", (0, 1), -10, True)
+    assert (zero.name, zero.cpus, zero.nice, zero.default) == ("nice 0", (0, 1), 0, False)
+    assert zero.label() == "nice 0 (CPUs 0-1, 2 threads, nice 0)"
+
+
+@pytest.mark.parametrize(
+    ("plan", "zero", "choice", "decided"),
+    [
+        ([10.0, 10.1, 9.9, 10.0], [10.05, 10.0, 10.0, 9.95], "nice -10 (the plan's)", True),  # a tie: the plan's
+        ([8.0, 8.1, 7.9], [10.0, 10.2, 9.9], "nice 0", True),  # nice 0 shown faster
+        ([10.0, 10.2, 9.9], [8.0, 8.1, 7.9], "nice -10 (the plan's)", True),  # the plan's shown faster
+        ([10.0, 6.0, 13.0], [9.0, 12.0, 9.5], "nice -10 (the plan's)", False),  # undecided: the plan's
+    ],
+)
+def test_the_plans_nice_is_kept_unless_nice_0_is_shown_faster(
+    plan: list[float], zero: list[float], choice: str, decided: bool
+) -> None:
+    cands = core.nice_candidates(CHOSEN, -10)
+    d = core.decide(cands, nice_rounds(plan, zero))
+    assert (d.choice, d.decided) == (choice, decided)
+
+
+def test_the_nice_comparison_is_skipped_without_the_right_to_lower_nice_or_at_nice_0() -> None:
+    assert core.nice_skipped(-10, True, 0) is None
+    assert core.nice_skipped(-10, False, 1000) == ("nice -10 needs root (CAP_SYS_NICE) and this runs as uid 1000; "
+                                                   "run calibrate with sudo to compare it")
+    assert core.nice_skipped(0, True, 0) == "the plan's nice is 0 already: nothing to compare"
+    assert core.nice_skipped(5, False, 1000) == ("nice 0 needs root (CAP_SYS_NICE) and this runs as uid 1000; run "
+                                                 "calibrate with sudo to compare it")
+
+
+def test_the_cpu_sets_get_their_share_of_the_budget_and_the_minimum_counts_both() -> None:
+    assert core.phase_budget_s(120, 2, 2) == 60 and core.phase_budget_s(120, 4, 0) == 120
+    assert core.minimum_budget_s(4) > core.minimum_budget_s(2)
+
+
+def with_nice(r: core.Result, plan: list[float], zero: list[float]) -> core.Result:
+    from dataclasses import replace
+
+    cands = core.nice_candidates(r.chosen(), -10)
+    measured = nice_rounds(plan, zero)
+    return replace(r, nice=core.NiceResult(cands, measured, core.decide(cands, measured), 1.5))
+
+
+def test_a_measured_nice_goes_into_the_drop_in_and_plan_reasons_from_it(
+    facts: dict[str, Facts], model: Path, etc: Path
+) -> None:
+    f = facts["smt-2c4t"]
+    r = with_nice(result_for(f, model), [8.0, 8.1, 7.9], [10.0, 10.2, 9.9])
+    text = core.drop_in(r)
+    (etc / "policy.d" / "50-calibrated.toml").write_text(text)
+    assert "\nnice = 0\n" in text and "# nice chosen: 0, decided: nice 0 shown faster" in text
+    assert "2 ms of CPU work every 10 ms at nice 0" in text and "it took 1.5 CPU s" in text
+    cal = load_policy(None, etc).calibration
+    assert cal is not None and cal.values["nice"] == 0 and cal.values["host"] == "smt-laptop"
+    process = make_plan(f, load_policy(None, etc)).process
+    assert process.nice == 0
+    [line] = [x for x in process.reasons if x.startswith("nice 0: ")]
+    assert line.startswith(f"nice 0: calibrated 2026-12-02 on this machine with {model}: on CPUs 0-3 under a light "
+                           "background load (2 ms of CPU work every 10 ms at nice 0) nice 0 ran 10.0 tok/s, 1.25× [")
+    assert line.endswith("3 interleaved rounds, decided: nice 0 shown faster")
+    assert r.to_dict()["nice"]["nice"] == 0 and r.to_dict()["nice"]["load"]["cpu_s"] == 1.5
+
+    (etc / "policy.d" / "60-nice.toml").write_text("[process]\nnice = -5\n")
+    process = make_plan(f, load_policy(None, etc)).process
+    assert process.nice == -5 and "nice -5: set by the policy ([process] nice = -5); the calibrated nice 0 is not " \
+        "used" in process.reasons
+
+
+def test_a_stale_calibration_leaves_nice_to_the_rules(facts: dict[str, Facts], model: Path, etc: Path) -> None:
+    f = facts["smt-2c4t"]
+    (etc / "policy.d" / "50-calibrated.toml").write_text(
+        core.drop_in(with_nice(result_for(f, model), [8.0, 8.1, 7.9], [10.0, 10.2, 9.9])))
+    with model.open("ab") as fh:
+        fh.write(b"x")
+    assert make_plan(f, load_policy(None, etc)).process.nice == -10
+
+
+def test_a_skipped_nice_comparison_says_why_and_plan_keeps_the_rules_nice(
+    facts: dict[str, Facts], model: Path, etc: Path
+) -> None:
+    from dataclasses import replace
+
+    f = facts["smt-2c4t"]
+    r = replace(result_for(f, model), nice_skipped="nice -10 needs root (CAP_SYS_NICE) and this runs as uid 1000; "
+                "run calibrate with sudo to compare it")
+    text = core.drop_in(r)
+    assert "# nice      comparison skipped: nice -10 needs root (CAP_SYS_NICE)" in text and "\nnice =" not in text
+    assert r.to_dict()["nice"] == {"skipped": r.nice_skipped}
+    (etc / "policy.d" / "50-calibrated.toml").write_text(text)
+    process = make_plan(f, load_policy(None, etc)).process
+    assert process.nice == -10 and any(x.startswith("nice -10: under CPU contention") for x in process.reasons)
+
+
+def test_nice_without_its_reason_is_refused(model: Path, etc: Path, facts: dict[str, Facts]) -> None:
+    path = etc / "policy.d" / "50-calibrated.toml"
+    text = core.drop_in(with_nice(result_for(facts["smt-2c4t"], model), [8.0, 8.1, 7.9], [10.0, 10.2, 9.9]))
+    path.write_text("\n".join(x for x in text.splitlines() if not x.startswith("nice_reason")))
+    with pytest.raises(BadInput, match=r"50-calibrated.toml: \[calibration\] lacks nice_reason;"):
+        load_policy(None, etc)
+    path.write_text(text.replace("\nnice = 0\n", "\nnice = -20\n"))
+    with pytest.raises(BadInput, match=r"\[calibration\] nice = -20: -20 is out of range; allowed: an integer -10"):
+        load_policy(None, etc)
+
+
+# ---- the calibration in collected facts ---------------------------------------------------------
+
+
+def live_drop_in(model: Path) -> str:
+    """A drop-in for this machine (its real topology), CPU set all online CPUs, nice 0 measured."""
+    f = collect_facts(Path("/"))
+    cands = [core.Candidate("physical cores", tuple(f.cpu.online), default=True)]
+    measured = [{"physical cores": v} for v in (10.0, 10.1, 9.9)]
+    st = model.stat()
+    r = core.Result(cands=cands, rounds=measured, decision=core.decide(cands, measured), memcpy_gbs=4.0,
+                    model_path=str(model), model_bytes=st.st_size, model_mtime_ns=st.st_mtime_ns,
+                    topology=core.topology(f.cpu), date="2026-12-02T03:00:00Z", host="calibrated-host", elapsed_s=9.0,
+                    budget_s=60, tokens=64)
+    return core.drop_in(with_nice(r, [8.0, 8.1, 7.9], [10.0, 10.2, 9.9]))
+
+
+def cli(etc: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AUTOGLM_TUNE_ETC": str(etc)})
+
+
+def test_facts_json_carries_the_calibration_and_plan_from_those_facts_uses_it(
+    model: Path, etc: Path, tmp_path: Path
+) -> None:
+    drop_in = etc / "policy.d" / "50-calibrated.toml"
+    drop_in.write_text(live_drop_in(model))
+    done = cli(etc, "facts", "--json")
+    assert done.returncode == 0, done.stderr
+    cal = json.loads(done.stdout)["calibration"]
+    st = model.stat()
+    assert cal == {**cal, "source": str(drop_in), "date": "2026-12-02T03:00:00Z", "host": "calibrated-host",
+                   "model_path": str(model), "model_bytes": st.st_size, "model_mtime_ns": st.st_mtime_ns,
+                   "nice": 0, "stale": False, "stale_because": None}
+    assert cal["reason"].startswith("calibrated 2026-12-02") and cal["nice_reason"].endswith("nice 0 shown faster")
+    text = cli(etc, "facts").stdout
+    assert f"calibrated  2026-12-02T03:00:00Z on calibrated-host with {model}: CPUs " in text and "fresh)" in text
+
+    collected = tmp_path / "host.json"
+    collected.write_text(done.stdout)
+    elsewhere = tmp_path / "admin-etc"  # the admin's machine: no calibration of its own
+    elsewhere.mkdir()
+    planned = cli(elsewhere, "plan", "--facts", str(collected), "--json")
+    assert planned.returncode == 0, planned.stderr
+    process = json.loads(planned.stdout)["process"]
+    assert process["reasons"][0].startswith(f"CPU set and threads from {drop_in} (in the facts of calibrated-host): "
+                                            "calibrated 2026-12-02")
+    assert process["nice"] == 0 and (process["cpus"], process["threads"]) == (cal["cpus"], cal["threads"])
+
+    with model.open("ab") as fh:  # the model changes on the host: its next facts say stale, and so does plan
+        fh.write(b"x")
+    done = cli(etc, "facts", "--json")
+    cal = json.loads(done.stdout)["calibration"]
+    assert cal["stale"] is True and cal["stale_because"].startswith(f"the model file {model} changed")
+    collected.write_text(done.stdout)
+    process = json.loads(cli(elsewhere, "plan", "--facts", str(collected), "--json").stdout)["process"]
+    assert process["reasons"][0].startswith(f"calibration {drop_in} (in the facts of calibrated-host) is stale: the "
+                                            f"model file {model} changed")
+    assert process["nice"] == -10
+
+
+def test_facts_without_a_calibration_still_load_and_a_bad_one_is_one_line(
+    model: Path, etc: Path, tmp_path: Path
+) -> None:
+    (etc / "policy.d" / "50-calibrated.toml").write_text(live_drop_in(model))
+    doc = json.loads(cli(etc, "facts", "--json").stdout)
+    old = dict(doc)
+    del old["calibration"]  # facts collected before calibrate existed
+    assert facts_from_json(json.dumps(old), "old.json").calibration is None
+    doc["calibration"]["nice"] = "low"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    done = cli(tmp_path, "plan", "--facts", str(bad))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"autoglm-tune: error: --facts {bad}: facts.calibration.nice: expected int, got 'low'\n"
+
+
+def test_a_ratio_rounded_to_0_is_stated_not_divided_by() -> None:
+    """paired_ratio rounds to 3 places: a candidate measured 2000× slower (a stalled burst) has ratio 0.0."""
+    interval = {"n": 3, "ratio": 0.002, "low": 0.0, "high": 0.01}
+    assert core._inverse(interval) == "500.00× [100.00–over 1000] of"
+    assert core._inverse({"n": 1, "ratio": 0.0, "low": None, "high": None}) == "over 1000× of"

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -92,39 +94,89 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def burst(bench_bin: Path, model: Path, cand: core.Candidate, tokens: int, timeout_s: float) -> float:
-    """One decode burst of `tokens` tokens on the candidate's CPUs and threads: llama-bench's tok/s."""
-    argv = [str(bench_bin), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(cand.threads), "-r", "1",
-            "-ngl", "0", "-o", "json"]
-    cpus = set(cand.cpus)
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """Kill the child's whole session (it has its own) and reap the child."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _started(argv: list[str], cpus: set[int], nice: int | None, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """`argv` in a session of its own, on `cpus`, at `nice` (None: calibrate's own); killed, whole session, when
+    the block is left by an exception (Ctrl-C, SIGTERM, a timeout)."""
 
     def child() -> None:
         os.sched_setaffinity(0, cpus)
+        if nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     # A stop signal while the child is being started would leave it running unseen: held until `proc` is known.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, preexec_fn=child)
+        proc = subprocess.Popen(argv, text=True, start_new_session=True, preexec_fn=child, **popen)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         raise
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        out, err = proc.communicate(timeout=timeout_s)
-    except BaseException as exc:  # Ctrl-C, SIGTERM, the timeout: the burst's whole session goes with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise CalibrateError(f"llama-bench ({cand.label()}) ran past {timeout_s:.0f} s and was killed") from None
+        yield proc
+    except BaseException:
+        _kill(proc)
         raise
+
+
+def burst(bench_bin: Path, model: Path, cand: core.Candidate, tokens: int, timeout_s: float) -> float:
+    """One decode burst of `tokens` tokens on the candidate's CPUs, threads and nice: llama-bench's tok/s."""
+    argv = [str(bench_bin), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(cand.threads), "-r", "1",
+            "-ngl", "0", "-o", "json"]
+    try:
+        with _started(argv, set(cand.cpus), cand.nice, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise CalibrateError(f"llama-bench ({cand.label()}) ran past {timeout_s:.0f} s and was killed") from None
     try:
         return float(json.loads(out)[0]["avg_ts"])
     except (ValueError, KeyError, IndexError, TypeError):
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise CalibrateError(f"llama-bench ({cand.label()}) exited {proc.returncode}: {last}") from None
+
+
+LOAD_MARK = "autoglm-tune-calibrate-load"  # in the load's command line, for a person (and a test) to find it
+LOAD_SCRIPT = """import os, sys, time
+parent, work, period = int(sys.argv[2]), int(sys.argv[3]) / 1000, int(sys.argv[4]) / 1000
+while os.getppid() == parent:  # gone within a period of calibrate, even when calibrate was killed
+    t = time.perf_counter()
+    while time.perf_counter() - t < work:
+        pass
+    time.sleep(period - work)
+"""
+
+
+@contextlib.contextmanager
+def background_load(cpus: set[int]) -> Iterator[subprocess.Popen[str]]:
+    """The nice comparison's light load (core.LOAD_TEXT) on `cpus` at nice 0, killed when the block is left."""
+    argv = [sys.executable, "-S", "-c", LOAD_SCRIPT, LOAD_MARK, str(os.getpid()), str(core.LOAD_WORK_MS),
+            str(core.LOAD_PERIOD_MS)]
+    with _started(argv, cpus, 0, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) as proc:
+        try:
+            yield proc
+        finally:
+            _kill(proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def can_set_nice(nice: int) -> bool:
+    """Whether a child of this process may run at `nice` (lower than its own needs CAP_SYS_NICE): tried."""
+    probe = f"import os; os.setpriority(os.PRIO_PROCESS, 0, {nice})"
+    return subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, timeout=30).returncode == 0
 
 
 def progress(err: TextIO, done_s: float, budget_s: int, label: str) -> None:
@@ -138,19 +190,13 @@ def progress(err: TextIO, done_s: float, budget_s: int, label: str) -> None:
     err.flush()
 
 
-def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s: int, context_length: int | None,
-            err: TextIO) -> tuple[float, list[dict[str, float]], int, float]:
-    """The memcpy probe, a warm-up burst, then rounds until decided or the budget is spent:
-    (memcpy GB/s, rounds, tokens per burst, seconds taken)."""
-    from .bench.machine import memcpy_gbs
-
-    start = time.monotonic()
-    progress(err, 0, budget_s, "memcpy probe")
-    gbs = memcpy_gbs(MEMCPY_MIB)
-    warm = burst(bench_bin, model, cands[0], core.MIN_TOKENS, budget_s)  # also brings the model into the page cache
-    tokens = core.burst_tokens(warm, context_length)
+def rounds_until(bench_bin: Path, model: Path, cands: list[core.Candidate], tokens: int, start: float,
+                 phase_end_s: float, budget_s: int, refuse_short: bool, err: TextIO
+                 ) -> list[dict[str, float]]:
+    """Interleaved rounds of `cands` until decided or the next round would end past `phase_end_s` (seconds since
+    `start`). `refuse_short`: BadInput when, after one round, MIN_ROUNDS of them cannot fit."""
     rounds: list[dict[str, float]] = []
-    longest = 0.0  # the slowest round so far: a round is begun only when one as slow still fits the budget
+    longest = 0.0  # the slowest round so far: a round is begun only when one as slow still fits
     while True:
         began = time.monotonic()
         current: dict[str, float] = {}
@@ -163,16 +209,42 @@ def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s:
         longest = max(longest, time.monotonic() - began)
         elapsed = time.monotonic() - start
         if core.decide(cands, rounds).decided:
-            break
-        if len(rounds) == 1 and elapsed + (core.MIN_ROUNDS - 1) * longest > budget_s:
-            need = round(elapsed + (core.MIN_ROUNDS - 1) * longest) + 1
+            return rounds
+        if refuse_short and len(rounds) == 1 and elapsed + (core.MIN_ROUNDS - 1) * longest > phase_end_s:
+            need = math.ceil((elapsed + (core.MIN_ROUNDS - 1) * longest) * budget_s / phase_end_s) + 1
             raise BadInput(f"--budget {budget_s}s: too short for {core.MIN_ROUNDS} rounds with this model (one round "
                            f"takes {longest:.1f} s); allowed: --budget {need}s or more")
-        if elapsed + longest > budget_s:
-            break
+        if elapsed + longest > phase_end_s:
+            return rounds
+
+
+def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s: int, context_length: int | None,
+            plan_nice: int | None, cpus: set[int], err: TextIO
+            ) -> tuple[float, list[dict[str, float]], int, core.NiceResult | None, float]:
+    """The memcpy probe, a warm-up burst, rounds of the CPU sets, then (unless `plan_nice` is None) rounds of the
+    chosen set at the plan's nice and at nice 0 under the background load on `cpus`:
+    (memcpy GB/s, rounds, tokens per burst, the nice comparison, seconds taken)."""
+    from .bench.machine import memcpy_gbs
+
+    start = time.monotonic()
+    progress(err, 0, budget_s, "memcpy probe")
+    gbs = memcpy_gbs(MEMCPY_MIB)
+    warm = burst(bench_bin, model, cands[0], core.MIN_TOKENS, budget_s)  # also brings the model into the page cache
+    tokens = core.burst_tokens(warm, context_length)
+    n_nice = 0 if plan_nice is None else 2
+    cpu_end = core.phase_budget_s(budget_s, len(cands), n_nice)
+    rounds = rounds_until(bench_bin, model, cands, tokens, start, cpu_end, budget_s, True, err)
+    nice = None
+    if plan_nice is not None:
+        chosen = next(c for c in cands if c.name == core.decide(cands, rounds).choice)
+        nice_cands = core.nice_candidates(chosen, plan_nice)
+        with background_load(cpus) as load:
+            nice_rounds = rounds_until(bench_bin, model, nice_cands, tokens, start, budget_s, budget_s, False, err)
+            load_s = cpu_seconds(load.pid)
+        nice = core.NiceResult(nice_cands, nice_rounds, core.decide(nice_cands, nice_rounds), load_s)
     if err.isatty():
         err.write("\n")
-    return gbs, rounds, tokens, time.monotonic() - start
+    return gbs, rounds, tokens, nice, time.monotonic() - start
 
 
 def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | None, policy_file: Path | None,
@@ -212,9 +284,13 @@ def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | No
     cands = core.candidates(facts.cpu, machine.allowed_cpus, default.cpus)
     if not cands:
         raise BadInput("no CPU to measure on: the CPU topology is unknown here (see 'autoglm-tune facts')")
-    least = core.minimum_budget_s(len(cands))
+    nice_skipped = core.nice_skipped(default.nice, can_set_nice(min(0, default.nice)), os.geteuid())
+    plan_nice = default.nice if nice_skipped is None else None
+    n_nice = 0 if plan_nice is None else 2
+    least = core.minimum_budget_s(len(cands) + n_nice)
     if budget_s < least:
-        raise BadInput(f"--budget {budget}: too short to measure {len(cands)} candidate CPU sets in "
+        what = f"{len(cands)} candidate CPU sets" + (" and 2 nice values" if n_nice else "")
+        raise BadInput(f"--budget {budget}: too short to measure {what} in "
                        f"{core.MIN_ROUNDS} rounds; allowed: --budget {least}s or more")
     bench_bin = find_llama_bench(llama_bench, lc.program_of(pol["model"], load_preset(pol["model"]["preset"])))
     st = model_file.stat()
@@ -222,13 +298,18 @@ def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | No
     err.write(f"calibrate: {len(cands)} candidates on {core.topology(facts.cpu)}:\n")
     for c in cands:
         err.write(f"  {c.label()}\n")
-    gbs, rounds, tokens, elapsed = _interruptible(bench_bin, model_file, cands, budget_s,
-                                                  machine.shape.context_length, err)
+    if nice_skipped is not None:
+        err.write(f"calibrate: the nice comparison is skipped: {nice_skipped}\n")
+    else:
+        err.write(f"calibrate: then the chosen set at nice {plan_nice} and at nice 0 under a light background load "
+                  f"({core.LOAD_TEXT})\n")
+    gbs, rounds, tokens, nice, elapsed = _interruptible(
+        bench_bin, model_file, cands, budget_s, machine.shape.context_length, plan_nice, set(machine.allowed_cpus), err)
     result = core.Result(
         cands=cands, rounds=rounds, decision=core.decide(cands, rounds), memcpy_gbs=gbs, model_path=str(model_file),
         model_bytes=st.st_size, model_mtime_ns=st.st_mtime_ns, topology=core.topology(facts.cpu),
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=facts.hostname or "unknown", elapsed_s=elapsed,
-        budget_s=budget_s, tokens=tokens,
+        budget_s=budget_s, tokens=tokens, nice=nice, nice_skipped=nice_skipped,
     )
     text = core.drop_in(result)
     if output is not None:
@@ -244,7 +325,8 @@ def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | No
 
 
 def _interruptible(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s: int,
-                   context_length: int | None, err: TextIO) -> tuple[float, list[dict[str, float]], int, float]:
+                   context_length: int | None, plan_nice: int | None, cpus: set[int], err: TextIO
+                   ) -> tuple[float, list[dict[str, float]], int, core.NiceResult | None, float]:
     """`measure`, with SIGTERM and SIGHUP handled as Ctrl-C: the burst running is killed, nothing is written."""
 
     def stop(signum: int, _frame: Any) -> None:
@@ -252,7 +334,7 @@ def _interruptible(bench_bin: Path, model: Path, cands: list[core.Candidate], bu
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return measure(bench_bin, model, cands, budget_s, context_length, err)
+        return measure(bench_bin, model, cands, budget_s, context_length, plan_nice, cpus, err)
     except (KeyboardInterrupt, _Stop):
         err.write("\n")
         raise Interrupted("calibrate interrupted: the measurement stopped, nothing was written") from None

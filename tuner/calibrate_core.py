@@ -8,6 +8,12 @@ t-interval of the log-ratio): decided when its interval excludes 1 (the candidat
 ±EQUIVALENT (as fast, for any practical purpose). The leader has the highest geometric-mean speed. When all
 comparisons are decided, or the budget is spent, the choice is the simplest of the leader and every candidate
 not shown slower: a tie keeps the simpler choice.
+
+Nice: after the CPU sets, the chosen set is measured at the plan's nice and at nice 0, interleaved the same way,
+while a light background load runs (LOAD_WORK_MS of CPU work every LOAD_PERIOD_MS at nice 0). The simpler of the
+two is the plan's nice: it is what `plan` does without a calibration, and its reason is a measurement under heavy
+contention that a light load cannot repeat. So a tie, or an undecided comparison, keeps the plan's nice; nice 0
+is chosen only where it is shown faster.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bench.stats import paired_ratio
-from .facts import CpuFacts
-from .policy import ModelStamp
+from .facts import CalibrationFacts, CpuFacts
+from .policy import Calibration, ModelStamp
 from .procsettings import cpu_ranges
 
 PHYSICAL = "physical cores"
@@ -37,6 +43,8 @@ BURST_S = 1.0  # the decode time one burst aims at
 MIN_TOKENS, MAX_TOKENS = 8, 512
 MIN_BURST_S = 0.5  # the least one burst (load + decode) takes: what a budget must allow per burst
 PROBE_S = 3.0  # the memcpy probe and the warm-up burst
+LOAD_WORK_MS, LOAD_PERIOD_MS = 2, 10  # the background load of the nice comparison: 20 % of one CPU, in bursts
+NICE_ZERO = "nice 0"
 
 
 @dataclass(frozen=True)
@@ -46,13 +54,15 @@ class Candidate:
     name: str
     cpus: tuple[int, ...]
     default: bool = False
+    nice: int | None = None  # the burst's nice; None: calibrate's own
 
     @property
     def threads(self) -> int:
         return len(self.cpus)
 
     def label(self) -> str:
-        return f"{self.name} (CPUs {cpu_ranges(self.cpus)}, {self.threads} thread{'s' * (self.threads != 1)})"
+        at = f", nice {self.nice}" if self.nice is not None else ""
+        return f"{self.name} (CPUs {cpu_ranges(self.cpus)}, {self.threads} thread{'s' * (self.threads != 1)}{at})"
 
 
 def topology(cpu: CpuFacts) -> str:
@@ -94,6 +104,29 @@ def candidates(cpu: CpuFacts, allowed: Sequence[int], default_cpus: Sequence[int
             names.setdefault(tuple(ids), []).append(name)
     out = [Candidate(" = ".join(n), ids, ids == default) for ids, n in names.items()]
     return sorted(out, key=simplicity)
+
+
+def nice_candidates(chosen: Candidate, plan_nice: int) -> list[Candidate]:
+    """The chosen CPU set at the plan's nice (the default, so the simpler) and at nice 0."""
+    return [Candidate(f"nice {plan_nice} (the plan's)", chosen.cpus, True, plan_nice),
+            Candidate(NICE_ZERO, chosen.cpus, False, 0)]
+
+
+def nice_skipped(plan_nice: int, can_set: bool, uid: int) -> str | None:
+    """Why the nice comparison does not run, or None when it does. `can_set`: this process may start a burst at
+    min(0, plan_nice) (a lower nice needs CAP_SYS_NICE)."""
+    if plan_nice == 0:
+        return "the plan's nice is 0 already: nothing to compare"
+    if not can_set:
+        return (f"nice {min(0, plan_nice)} needs root (CAP_SYS_NICE) and this runs as uid {uid}; "
+                "run calibrate with sudo to compare it")
+    return None
+
+
+def phase_budget_s(budget_s: int, n_cpu: int, n_nice: int) -> float:
+    """The part of the budget the CPU sets may use before the nice comparison: in proportion to the candidates
+    (the nice comparison then has what is left, more when the CPU sets were decided early)."""
+    return budget_s * n_cpu / (n_cpu + n_nice)
 
 
 def simplicity(c: Candidate) -> tuple[bool, int]:
@@ -168,7 +201,7 @@ def burst_tokens(tok_s: float, context_length: int | None) -> int:
 
 
 def minimum_budget_s(n_candidates: int) -> int:
-    """The least budget that can measure MIN_ROUNDS rounds of `n_candidates` short bursts."""
+    """The least budget that can measure MIN_ROUNDS rounds of `n_candidates` short bursts (all phases)."""
     return math.ceil(PROBE_S + MIN_ROUNDS * n_candidates * MIN_BURST_S)
 
 
@@ -210,6 +243,54 @@ def ratio_text(interval: dict[str, Any]) -> str:
     return f"{interval['ratio']:.2f}× [{interval['low']:.2f}–{interval['high']:.2f}]"
 
 
+LOAD_TEXT = f"{LOAD_WORK_MS} ms of CPU work every {LOAD_PERIOD_MS} ms at nice 0"
+
+
+@dataclass(frozen=True)
+class NiceResult:
+    """The nice comparison: the chosen CPU set at the plan's nice and at nice 0 under the background load."""
+
+    cands: list[Candidate]
+    rounds: list[dict[str, float]]
+    decision: Decision
+    load_cpu_s: float  # CPU time the background load took: it ran
+
+    def median(self, name: str) -> float:
+        return statistics.median(r[name] for r in self.rounds)
+
+    def chosen(self) -> Candidate:
+        return next(c for c in self.cands if c.name == self.decision.choice)
+
+    def why(self) -> str:
+        c = self.chosen()
+        if c.default:
+            return "the plan's nice kept" + ("" if self.decision.decided else " (the simpler)")
+        return "nice 0 shown faster"
+
+    def reason(self, date: str, model_path: str) -> str:
+        """One line for `plan`'s nice."""
+        c = self.chosen()
+        how = "decided" if self.decision.decided else "undecided when the budget ran out"
+        versus = "; ".join(f"{_inverse(k.interval)} {k.candidate}" for k in self.decision.comparisons)
+        return (f"calibrated {date[:10]} on this machine with {model_path}: on CPUs {cpu_ranges(c.cpus)} under a "
+                f"light background load ({LOAD_TEXT}) nice {c.nice} ran {self.median(c.name):.1f} tok/s, {versus}; "
+                f"{len(self.rounds)} interleaved rounds, {how}: {self.why()}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "load": {"work_ms": LOAD_WORK_MS, "period_ms": LOAD_PERIOD_MS, "nice": 0,
+                     "cpu_s": round(self.load_cpu_s, 2)},
+            "rounds": len(self.rounds), "decided": d.decided, "leader": d.leader, "choice": d.choice,
+            "nice": self.chosen().nice,
+            "candidates": [{"name": c.name, "nice": c.nice, "cpus": list(c.cpus), "default": c.default,
+                            "tok_s": [r[c.name] for r in self.rounds], "median_tok_s": round(self.median(c.name), 2)}
+                           for c in self.cands],
+            "comparisons": [{"candidate": k.candidate, "versus": k.versus, **k.interval, "verdict": k.verdict}
+                            for k in d.comparisons],
+        }
+
+
 @dataclass(frozen=True)
 class Result:
     """One calibration: what was measured and chosen, and on what."""
@@ -227,6 +308,8 @@ class Result:
     elapsed_s: float
     budget_s: int
     tokens: int  # per burst
+    nice: NiceResult | None = None
+    nice_skipped: str | None = None  # why there is no nice comparison
 
     @property
     def limit(self) -> float:
@@ -264,6 +347,7 @@ class Result:
             ],
             "comparisons": [{"candidate": k.candidate, "versus": k.versus, **k.interval, "verdict": k.verdict}
                             for k in d.comparisons],
+            "nice": self.nice.to_dict() if self.nice is not None else {"skipped": self.nice_skipped},
         }
 
 
@@ -271,8 +355,13 @@ def _inverse(interval: dict[str, Any]) -> str:
     """choice ÷ candidate from candidate ÷ choice: the figure a reason states ("1.69× [1.60–1.78] of X")."""
     ratio, low, high = interval["ratio"], interval["low"], interval["high"]
     if low is None or high is None:
-        return f"{1 / ratio:.2f}× of"
-    return f"{1 / ratio:.2f}× [{1 / high:.2f}–{1 / low:.2f}] of"
+        return f"{_reciprocal(ratio)}× of"
+    return f"{_reciprocal(ratio)}× [{_reciprocal(high)}–{_reciprocal(low)}] of"
+
+
+def _reciprocal(x: float) -> str:
+    """1/x to 2 places; paired_ratio rounds to 3, so a candidate 2000× slower has ratio 0: "over 1000"."""
+    return f"{1 / x:.2f}" if x > 0 else "over 1000"
 
 
 def drop_in(r: Result) -> str:
@@ -301,12 +390,17 @@ def drop_in(r: Result) -> str:
     lines += [
         "#",
         f"# chosen: {c.label()}, {'decided' if r.decision.decided else 'undecided at the end of the budget'}",
+        "#",
+        *_nice_lines(r),
         "",
     ]
     table = [
         "[calibration]",
         f"cpus = [{', '.join(map(str, c.cpus))}]",
         f"threads = {c.threads}",
+        *([f"nice = {r.nice.chosen().nice}", f"nice_reason = {_toml_string(r.nice.reason(r.date, r.model_path))}"]
+          if r.nice is not None else []),
+        f"host = {_toml_string(r.host)}",
         f"model_path = {_toml_string(r.model_path)}",
         f"model_bytes = {r.model_bytes}",
         f"model_mtime_ns = {r.model_mtime_ns}",
@@ -315,6 +409,25 @@ def drop_in(r: Result) -> str:
         f"reason = {_toml_string(r.reason())}",
     ]
     return "\n".join([*map(_comment, lines), *table]) + "\n"
+
+
+def _nice_lines(r: Result) -> list[str]:
+    """The drop-in's comment lines on the nice comparison, or on why it was skipped."""
+    n = r.nice
+    if n is None:
+        return [f"# nice      comparison skipped: {r.nice_skipped}"]
+    w = max(len(cand.name) for cand in n.cands)
+    lines = [f"# nice      the chosen CPUs under a light background load ({LOAD_TEXT}, pinned to the CPUs "
+             f"calibrate may use; it took {n.load_cpu_s:.1f} CPU s), {len(n.rounds)} interleaved rounds:",
+             f"# {'candidate':<{w}}  {'median tok/s':>13}  vs chosen"]
+    by_name = {k.candidate: k for k in n.decision.comparisons}
+    for cand in n.cands:
+        k = by_name.get(cand.name)
+        lines.append(f"# {cand.name:<{w}}  {n.median(cand.name):>13.1f}  "
+                     + (f"{ratio_text(k.interval)} {k.verdict}" if k else "chosen"))
+    chosen = n.chosen()
+    how = "decided" if n.decision.decided else "undecided at the end of the budget"
+    return [*lines, f"# nice chosen: {chosen.nice}, {how}: {n.why()}"]
 
 
 def _comment(line: str) -> str:
@@ -341,3 +454,16 @@ def stale_because(cal: Mapping[str, Any], found: ModelStamp, cpu: CpuFacts, mode
         return (f"the model file {cal['model_path']} changed ({found.size} bytes, mtime_ns {found.mtime_ns}; "
                 f"calibrated: {cal['model_bytes']} bytes, mtime_ns {cal['model_mtime_ns']})")
     return None
+
+
+def calibration_facts(cal: Calibration, cpu: CpuFacts, model_path: str) -> CalibrationFacts:
+    """The policy's calibration as `facts --json` reports it, stale or not on this machine (`model_path`: the
+    policy's [model] model_path)."""
+    v = cal.values
+    why = stale_because(v, cal.found, cpu, model_path)
+    return CalibrationFacts(
+        source=cal.source, date=v["date"], host=v["host"], model_path=v["model_path"], model_bytes=v["model_bytes"],
+        model_mtime_ns=v["model_mtime_ns"], topology=v["topology"], cpus=list(v["cpus"]), threads=v["threads"],
+        nice=v.get("nice"), reason=v["reason"], nice_reason=v.get("nice_reason"), stale=why is not None,
+        stale_because=why,
+    )

@@ -95,11 +95,14 @@ def facts(
     from . import render
 
     try:
-        if policy is not None:
-            from .policy import load_policy
+        from .policy import load_policy
 
-            load_policy(policy)  # validated so a bad --policy is reported here too
+        pol = load_policy(policy)  # validated so a bad --policy is reported here too
         f = _facts(sysroot, facts_file)
+        if pol.calibration is not None and sysroot is None and facts_file is None:  # measured on this machine
+            from .calibrate_core import calibration_facts
+
+            f = replace(f, calibration=calibration_facts(pol.calibration, f.cpu, pol["model"]["model_path"]))
     except TuneError as exc:
         raise fail(exc) from None
     typer.echo(f.to_json() if json_out else render.facts_text(f), nl=False)

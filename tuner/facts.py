@@ -109,6 +109,27 @@ class TunerFacts:
 
 
 @dataclass(frozen=True)
+class CalibrationFacts:
+    """The policy's [calibration] as `facts --json` reports it on the host measured (not read from a snapshot):
+    what calibrate chose, on what, and whether it still describes this machine and model."""
+
+    source: str  # the drop-in
+    date: str
+    host: str
+    model_path: str
+    model_bytes: int
+    model_mtime_ns: int
+    topology: str
+    cpus: list[int]
+    threads: int
+    nice: int | None
+    reason: str
+    nice_reason: str | None
+    stale: bool
+    stale_because: str | None
+
+
+@dataclass(frozen=True)
 class Facts:
     version: int
     hostname: str | None
@@ -129,6 +150,7 @@ class Facts:
     # autoglm-tune's own swap files at the allowed paths (path → MiB), active or not: after a reboot the file of
     # an earlier apply is still there, inactive, and its size must not be recomputed from the space it takes
     swap_files: dict[str, int] = field(default_factory=dict)
+    calibration: CalibrationFacts | None = None  # only from `facts` on the live machine (cli.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,7 +179,7 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
         kwargs = {}
         for f in dataclasses.fields(tp):
             if f.name not in value:
-                if f.default_factory is not dataclasses.MISSING:
+                if f.default_factory is not dataclasses.MISSING or f.default is not dataclasses.MISSING:
                     continue
                 raise BadInput(f"{where}.{f.name}: missing")
             kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{where}.{f.name}")

@@ -7,6 +7,7 @@ zswap settings before zswap is switched on, then sysctls, then units.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -284,21 +285,34 @@ def _units(b: _Builder, policy: Policy) -> None:
 
 
 def _calibrated(facts: Facts, policy: Policy) -> tuple[dict[str, Any] | None, str | None]:
-    """The [calibration] table when "auto" CPU set and threads may use it and it still describes this machine and
-    model; else None and the line saying why it is not used (None without a calibration)."""
-    cal = policy.calibration
-    if cal is None:
+    """The calibration when "auto" CPU set and threads may use it and it still describes this machine and model;
+    else None and the line saying why it is not used (None without a calibration). One recorded in the facts (from
+    `facts --json` on the host measured) wins over the policy's, which describes the machine planning."""
+    recorded, cal = facts.calibration, policy.calibration
+    if recorded is not None:
+        source = f"{recorded.source} (in the facts of {recorded.host})"
+    elif cal is not None:
+        source = cal.source
+    else:
         return None, None
     explicit = [k for k in ("cpus", "threads", "reserve_cores") if policy["process"][k] != AUTO]
     if explicit:
-        return None, f"calibration {cal.source} not used: [process] {', '.join(explicit)} set by the policy"
+        return None, f"calibration {source} not used: [process] {', '.join(explicit)} set by the policy"
     from .calibrate_core import stale_because  # only where there is a calibration: its statistics import is slow
+    from .policy import ModelStamp
 
-    why = stale_because(cal.values, cal.found, facts.cpu, policy["model"]["model_path"])
+    model_path = policy["model"]["model_path"]
+    if recorded is not None:  # the model file was checked where the facts were collected
+        values = dataclasses.asdict(recorded)
+        found = ModelStamp(recorded.model_path, recorded.model_bytes, recorded.model_mtime_ns)
+        why = recorded.stale_because or stale_because(values, found, facts.cpu, model_path)
+    elif cal is not None:
+        values = cal.values
+        why = stale_because(values, cal.found, facts.cpu, model_path)
     if why is not None:
-        return None, (f"calibration {cal.source} is stale: {why}; the CPU set and threads below come from the "
+        return None, (f"calibration {source} is stale: {why}; the CPU set and threads below come from the "
                       "rules instead; rerun autoglm-tune calibrate")
-    return cal.values, f"CPU set and threads from {cal.source}: {cal.values['reason']}"
+    return values, f"CPU set and threads from {source}: {values['reason']}"
 
 
 def _process(facts: Facts, policy: Policy) -> ProcessPlan:
@@ -359,7 +373,13 @@ def _process(facts: Facts, policy: Policy) -> ProcessPlan:
             f'allowed: an integer 1–{len(online)} or "auto"'
         )
     reasons.append(f"threads {threads}: {basis}")
-    nice, basis = _choose(p["nice"], rules.model_nice(), "[process] nice")
+    auto_nice, measured = rules.model_nice(), None
+    if calibration is not None and calibration.get("nice") is not None:
+        measured = calibration["nice"]
+        auto_nice = (measured, calibration["nice_reason"])
+    nice, basis = _choose(p["nice"], auto_nice, "[process] nice")
+    if measured is not None and p["nice"] != AUTO:
+        basis += f"; the calibrated nice {measured} is not used"
     reasons.append(f"nice {nice}: {basis}")
     return ProcessPlan(
         cpus=cpus,

@@ -293,8 +293,12 @@ CALIBRATION_SCHEMA: dict[str, tuple[Parser, str]] = {
     "model_mtime_ns": _int_range(0, 2**63 - 1),
     "topology": _text("the CPU topology line calibrate wrote"),
     "date": _text("the date of the calibration"),
+    "host": _text("the host name of the machine measured"),
     "reason": _text("one line saying what was measured"),
+    "nice": _int_range(*catalogue.MODEL_NICE_RANGE, why=HELPER_BOUNDS),
+    "nice_reason": _text("one line saying how nice was measured"),
 }
+CALIBRATION_OPTIONAL = ("nice", "nice_reason")  # together, where calibrate could compare nice (root)
 SECTIONS = {**SCHEMA, "calibration": CALIBRATION_SCHEMA}
 
 
@@ -377,7 +381,10 @@ def validate_document(doc: dict[str, Any], source: str) -> dict[str, dict[str, A
                 raise BadInput(
                     f"{source}: [{section}] {key} = {show(value)}: {exc.problem}; allowed: {exc.allowed}"
                 ) from None
-    missing = [k for k in CALIBRATION_SCHEMA if k not in out["calibration"]] if "calibration" in out else []
+    cal = out.get("calibration")
+    missing = [] if cal is None else [k for k in CALIBRATION_SCHEMA if k not in cal and k not in CALIBRATION_OPTIONAL]
+    if cal is not None and not missing and ("nice" in cal) != ("nice_reason" in cal):
+        missing = ["nice_reason" if "nice" in cal else "nice"]
     if missing:
         raise BadInput(f"{source}: [calibration] lacks {', '.join(missing)}; it is written whole by "
                        "'autoglm-tune calibrate'; allowed: the file calibrate wrote, or none")

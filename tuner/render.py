@@ -80,6 +80,10 @@ def facts_text(f: Facts) -> str:
         unit = units.get(tuner_unit(t.name) or "")
         state = f", {unit.name} {unit.state}{', ' + unit.active if unit.active else ''}" if unit else ""
         lines.append(f"tuner       {t.name} ({t.evidence}{state}): {'; '.join(t.conflicts_on)}")
+    if (cal := f.calibration) is not None:
+        nice = f", nice {cal.nice}" if cal.nice is not None else ""
+        lines.append(f"calibrated  {cal.date} on {cal.host} with {cal.model_path}: CPUs {cal.cpus}, {cal.threads} "
+                     f"threads{nice} ({cal.source}; " + (f"stale: {cal.stale_because})" if cal.stale else "fresh)"))
     for n in f.notes:
         lines.append(f"note        {n}")
     return "\n".join(lines) + "\n"

@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from autoglm_tune.calibrate import LOAD_MARK
 from autoglm_tune.policy import load_policy
 from support import CLI, processes_mentioning
 
 BUDGET_S = 60
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def env_with(etc: Path) -> dict[str, str]:
@@ -85,6 +87,11 @@ def test_a_real_calibration_decides_and_plan_reasons_from_it_until_the_model_cha
         assert len(c["tok_s"]) == doc["rounds"] and all(v > 0 for v in c["tok_s"]) and c["threads"] == len(c["cpus"])
     assert "s left" in done.stderr and "calibrate: wrote" in done.stderr
     [chosen] = [c for c in doc["candidates"] if c["name"] == doc["choice"]]
+    nice = doc["nice"]  # as root: the chosen set at the plan's nice and at nice 0, under the background load
+    assert [c["nice"] for c in nice["candidates"]] == [default["nice"], 0] and nice["rounds"] >= 3
+    assert all(c["cpus"] == chosen["cpus"] and len(c["tok_s"]) == nice["rounds"] for c in nice["candidates"])
+    assert nice["load"]["cpu_s"] > 0 and processes_mentioning(LOAD_MARK) == []  # it ran, and it is gone
+    assert f"\nnice = {nice['nice']}\n" in drop_in.read_text()
 
     cal = load_policy(None, place / "etc").calibration  # the policy schema reads it like any drop-in
     assert cal is not None and list(cal.values["cpus"]) == chosen["cpus"] and cal.values["threads"] == chosen["threads"]
@@ -93,12 +100,24 @@ def test_a_real_calibration_decides_and_plan_reasons_from_it_until_the_model_cha
     assert process["reasons"][0].startswith(f"CPU set and threads from {drop_in}: calibrated ")
     assert "of this box's" in process["reasons"][0] and "interleaved rounds" in process["reasons"][0]
     assert (process["cpus"], process["threads"]) == (chosen["cpus"], chosen["threads"])
+    assert process["nice"] == nice["nice"] and f"nice {nice['nice']}: calibrated " in "\n".join(process["reasons"])
 
     with model.open("ab") as fh:  # the model file changes: the calibration no longer describes it
         fh.write(b"\0")
     process = plan_process(place)
     assert process["reasons"][0].startswith(f"calibration {drop_in} is stale: the model file {model} changed")
-    assert (process["cpus"], process["threads"]) == (default["cpus"], default["threads"])
+    assert (process["cpus"], process["threads"], process["nice"]) == (default["cpus"], default["threads"],
+                                                                      default["nice"])
+
+
+def test_as_a_normal_user_the_nice_comparison_is_skipped_and_says_why(place: Path, llama_server: Path) -> None:
+    done = calibrate(place, llama_server.with_name("llama-bench"), "--model", str(place / "model.gguf"), "--budget",
+                     f"{BUDGET_S}s", "--json", user=NOBODY)
+    assert done.returncode == 0, done.stderr
+    why = ("nice -10 needs root (CAP_SYS_NICE) and this runs as uid 65534; run calibrate with sudo to compare it")
+    assert json.loads(done.stdout)["nice"] == {"skipped": why}
+    assert f"calibrate: the nice comparison is skipped: {why}\n" in done.stderr
+    assert f"# nice      comparison skipped: {why}" in json.loads(done.stdout)["drop_in"]
 
 
 def test_ctrl_c_leaves_nothing_running_and_writes_nothing(place: Path, llama_server: Path) -> None:
@@ -128,6 +147,37 @@ def test_ctrl_c_leaves_nothing_running_and_writes_nothing(place: Path, llama_ser
                                             "nothing was written")
     assert out == "" and "Traceback" not in err
     assert processes_mentioning(str(model)) == []
+    assert list((place / "etc" / "policy.d").iterdir()) == []
+
+
+def test_ctrl_c_in_the_nice_comparison_stops_the_background_load(place: Path, llama_server: Path) -> None:
+    """Ctrl-C while a burst at the plan's nice runs (this llama-bench waits after such a burst), with the background
+    load running beside it: neither is left, nothing is written."""
+    model, drop_in = place / "model.gguf", place / "etc" / "policy.d" / "50-calibrated.toml"
+    slow = place / "slow-at-nice-llama-bench"
+    slow.write_text(f'#!/bin/sh\n"{llama_server.with_name("llama-bench")}" "$@"\n'
+                    '[ "$(nice)" -lt 0 ] && sleep 300\nexit 0\n')
+    slow.chmod(0o755)
+    argv = [CLI, "calibrate", "--llama-bench", str(slow), "--model", str(model), "--budget", "300s", "-o", str(drop_in)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with(place / "etc"))
+    try:
+        deadline = time.monotonic() + 120
+        while not processes_mentioning(LOAD_MARK):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "calibrate never reached the nice comparison"
+            time.sleep(0.05)
+        time.sleep(1)  # the first burst of the comparison, at the plan's nice, is waiting
+        assert processes_mentioning(str(slow)) and processes_mentioning(LOAD_MARK)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("autoglm-tune: error: calibrate interrupted: the measurement stopped, "
+                                            "nothing was written")
+    assert out == "" and processes_mentioning(LOAD_MARK) == [] and processes_mentioning(str(slow)) == []
     assert list((place / "etc" / "policy.d").iterdir()) == []
 
 
@@ -170,7 +220,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
         (place / "etc" / "policy.d.toml").mkdir()
         args = ["--model", str(model), "-o", str(place / "etc" / "policy.d.toml")]
     else:
-        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # nobody, in root's 0755 policy.d
+        user = NOBODY  # in root's 0755 policy.d
     done = calibrate(place, llama_server.with_name("llama-bench"), *args, user=user, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(message.format(place=place)), done.stderr

@@ -61,6 +61,27 @@ options:
         and write it to this path when its content differs (mode 0644). Enable and start it with
         M(ansible.builtin.systemd_service). Only with O(state=applied).
     type: path
+  calibrate:
+    description:
+      - Before applying, measure the model on this host (C(autoglm-tune calibrate --json -o)) and write the
+        choice (CPU set, threads and, as root, nice) to O(calibrate_output), which C(plan) then uses.
+      - Runs only when O(calibrate_output) is missing or stale (another CPU topology or model file, as
+        C(autoglm-tune facts --json) reports it), so a second run reports no change; delete the file to
+        measure again. C(changed) when the file's content changes. In check mode nothing is measured; it reports
+        C(would_calibrate) and C(changed) when a calibration would run. Only with O(state=applied).
+    type: bool
+    default: false
+  calibrate_output:
+    description: The policy drop-in calibrate writes (a C(.toml) file in a directory root may write).
+    type: path
+    default: /etc/autoglm-tune/policy.d/50-calibrated.toml
+  calibrate_model:
+    description: The GGUF model to measure (C(--model)); default the policy's C([model] model_path).
+    type: path
+  calibrate_budget:
+    description: How long calibrate may measure (C(--budget)), such as C(120s) or C(2m).
+    type: str
+    default: 120s
   executable:
     description: The autoglm-tune command, a name on PATH or a full path.
     type: str
@@ -88,6 +109,14 @@ EXAMPLES = r"""
   autoglm.tune.autoglm_tune:
     policy_file: /etc/autoglm-tune/fleet.toml
     model_unit: /etc/systemd/system/autoglm-model.service
+  become: true
+
+- name: Measure the model on each host once, then apply the plan that uses the measurement
+  autoglm.tune.autoglm_tune:
+    policy_file: /etc/autoglm-tune/fleet.toml
+    calibrate: true
+    calibrate_model: /var/lib/models/autoglm-phone-9b-q4_0.gguf
+    calibrate_budget: 3m
   become: true
 
 - name: Undo everything autoglm-tune applied
@@ -130,6 +159,13 @@ diff:
   type: list
   elements: dict
   returned: when diff mode is on and something changes
+calibration:
+  description:
+    - With O(calibrate), C(path) (the drop-in), C(changed), C(would_calibrate) (a calibration was due, the
+      drop-in was missing or stale) and, when one ran, C(result) (C(autoglm-tune calibrate --json)'s object,
+      less its C(drop_in) text).
+  type: dict
+  returned: when O(calibrate) is true
 unit:
   description: The model service unit written (or, in check mode, to be written), with C(path) and C(changed).
   type: dict
@@ -157,6 +193,10 @@ ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "policy_file": {"type": "path"},
     "force": {"type": "bool", "default": False},
     "model_unit": {"type": "path"},
+    "calibrate": {"type": "bool", "default": False},
+    "calibrate_output": {"type": "path", "default": "/etc/autoglm-tune/policy.d/50-calibrated.toml"},
+    "calibrate_model": {"type": "path"},
+    "calibrate_budget": {"type": "str", "default": "120s"},
     "executable": {"type": "str", "default": "autoglm-tune"},
 }
 UNDOABLE = ("committed", "conflict")  # transaction states the helper's Rollback accepts
@@ -207,7 +247,23 @@ class Tune:
             self.module.warn(line)
         return data
 
+    def calibrated(self) -> dict[str, Any]:
+        """Calibrate unless the drop-in is there and fresh (facts --json says); in check mode only say whether."""
+        p = self.module.params
+        path = p["calibrate_output"]
+        cal = self.run("facts", *self.policy_args).get("calibration") or {}
+        if cal.get("source") == path and not cal.get("stale"):
+            return {"path": path, "changed": False, "would_calibrate": False}
+        if self.module.check_mode:
+            return {"path": path, "changed": True, "would_calibrate": True}
+        before = _read(path)
+        model = ["--model", p["calibrate_model"]] if p["calibrate_model"] else []
+        result = self.run("calibrate", "-o", path, "--budget", p["calibrate_budget"], *model, *self.policy_args)
+        result.pop("drop_in", None)
+        return {"path": path, "changed": _read(path) != before, "would_calibrate": True, "result": result}
+
     def applied(self) -> dict[str, Any]:
+        calibration = self.calibrated() if self.module.params["calibrate"] else None
         unit = self.render_unit() if self.module.params["model_unit"] else None
         report = self.run("apply", "--yes", *self.dry_run, *self.force, *self.policy_args)
         moved = [c for c in report["changes"] if c["old"] != c["target"]]
@@ -218,6 +274,9 @@ class Tune:
             diffs.append({"before_header": "live knobs", "after_header": "planned knobs",
                           "before": {c["subject"]: c["old"] for c in moved},
                           "after": {c["subject"]: c["target"] if c["new"] is None else c["new"] for c in moved}})
+        if calibration is not None:
+            result["calibration"] = calibration
+            result["changed"] = result["changed"] or calibration["changed"]
         if unit is not None:
             result["unit"], unit_diff = unit
             result["changed"] = result["changed"] or result["unit"]["changed"]
@@ -252,8 +311,9 @@ class Tune:
 
     def rolled_back(self) -> dict[str, Any]:
         """Undo every transaction still applied, newest first; the diff is live value → value before autoglm-tune."""
-        if self.module.params["model_unit"]:
-            self.module.fail_json(msg="model_unit: only with state=applied")
+        for option in ("model_unit", "calibrate"):
+            if self.module.params[option]:
+                self.module.fail_json(msg=f"{option}: only with state=applied")
         status = self.run("status")
         todo = [tx for tx in reversed(status["transactions"]) if tx["state"] in UNDOABLE]
         if not todo:
@@ -280,6 +340,14 @@ class Tune:
             result["diff"] = [{"before_header": "live knobs", "after_header": "before autoglm-tune",
                                "before": before, "after": after}]
         return result
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def main() -> None:
