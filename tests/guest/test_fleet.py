@@ -37,7 +37,7 @@ import guest as guest_host
 import pytest
 from guest import REPO, Guest, figure
 
-from helpers import catalogue
+from autoglm_helper.contract import catalogue
 
 EXAMPLES = REPO / "ansible" / "examples"
 BIN = Path(sys.executable).parent
