@@ -28,7 +28,7 @@ Step = dict[str, Any]
 # How an area is swapped on where the helper runs in a mount namespace of its own (its unit's ProtectSystem=,
 # PrivateMounts=): a swapon from in there ties the area to the namespace's copy of the mount, and once the helper
 # exits and the namespace is gone /proc/swaps names it by a path relative to that detached mount
-# ("/autoglm-tune.swap", "/sda1"), which no reader can find again (found by tests/guest/test_fleet.py). The
+# ("/autoglm-tune.swap", "/sda1"), which no reader can find again (found by tests/guest/test_fleet_ssh.py). The
 # service sets this to units.Systemd.swapon when PID 1 is systemd: swapon(8) run by systemd, in PID 1's mount
 # namespace. None: the syscall here (no systemd on the bus, as in the host tests).
 host_swapon: Callable[[str, int], None] | None = None

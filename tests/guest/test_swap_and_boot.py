@@ -69,7 +69,7 @@ def test_zswap_and_swap_priorities_put_nvme_above_the_hdd(installed: Installed,
         ("Y", "zstd", "25", "Y")
     assert swaps(g) == {"/var/swap/admin.swap": 100, "/dev/sda": 10}
     # the helper exits on idle, and its mount namespace goes with it: the areas it swapped on keep their names
-    # (a swapon inside that namespace left "/sda" and "/admin.swap", and rollback refused; test_fleet.py found it)
+    # (a swapon inside that namespace left "/sda" and "/admin.swap", and rollback refused; test_fleet_ssh.py found it)
     g.ssh("systemctl stop autoglm-tune-helper.service")
     assert swaps(g) == {"/var/swap/admin.swap": 100, "/dev/sda": 10}
     assert g.ssh("autoglm-tune verify --policy /tmp/zswap.toml", user="alice", check=False).returncode == 0

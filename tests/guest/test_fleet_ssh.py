@@ -35,9 +35,8 @@ from pathlib import Path
 
 import guest as guest_host
 import pytest
-from guest import REPO, Guest, figure
-
 from autoglm_helper.contract import catalogue
+from guest import REPO, Guest, figure
 
 EXAMPLES = REPO / "ansible" / "examples"
 BIN = Path(sys.executable).parent
