@@ -255,6 +255,25 @@ def test_diff_loads_only_the_bench_command_s_options() -> None:
     assert loaded == {"autoglm_tune.bench", "autoglm_tune.bench.cli"}
 
 
+HEAVY_FOR_DIFF = ("psutil", "jinja2", "tomli_w", "dbus_fast", "rich", "pydantic", "asyncio", "statistics")
+
+
+def test_diff_imports_no_heavy_module(tmp_path: Path) -> None:
+    """`diff` imports none of the heavy modules other commands use (psutil for `status`, jinja2 for
+    units, tomli_w for --toml, dbus-fast for the bus, statistics for calibrate): its start-up stays as measured."""
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "AUTOGLM_TUNE_ETC": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoglm_tune", "diff"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode in (0, 1), proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "autoglm_tune.planner" in imported
+    on_systemd = Path("/run/systemd/system").is_dir()  # there diff reads unit states over the bus: dbus-fast, asyncio
+    heavy = {m for m in HEAVY_FOR_DIFF if not (on_systemd and m in ("dbus_fast", "asyncio"))}
+    assert not {m for m in imported if m.split(".")[0] in heavy}, sorted(imported)
+
+
 def test_bad_plan_files_exit_2_naming_the_file(tmp_path: Path) -> None:
     from autoglm_helper.contract.plan_schema import MAX_PLAN_BYTES
 

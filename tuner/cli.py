@@ -231,9 +231,9 @@ def launch(
         preset = load_preset(model["preset"])
         model_file = lc.check_model_path(model, preset, cmd)
         machine = lc.gather(model_file)
-        if cmd is None and any("flags" in t for t in preset.command):  # the preset renders by what the build has
+        if cmd is None and preset.probe is not None:  # the preset's flags are checked against what the build lists
             found = shutil.which(lc.program_of(model, preset))
-            machine = replace(machine, program_flags=lc.probe_flags(found) if found else None)
+            machine = replace(machine, program_flags=lc.probe_flags(found, args=preset.probe) if found else None)
         if unit:  # a persistent unit: decided as for a transient one (MemoryLow=, LimitMEMLOCK=, MemoryHigh=)
             model, machine = {**model, "supervisor": "systemd"}, replace(machine, systemd_helper=True)
         spec = lc.build_spec(p.process, model, preset, machine, cmd)

@@ -7,6 +7,7 @@ Built by `collect.collect_facts` from a live machine or a snapshot tree, or load
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -159,6 +160,17 @@ class Facts:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+@functools.cache
+def _fields(tp: type) -> tuple[frozenset[str], tuple[tuple[str, Any, bool], ...]]:
+    """A dataclass's field names and (name, resolved type, has a default) per field: resolving the string
+    annotations is the costly part of decoding, and it is the same for every host."""
+    hints = typing.get_type_hints(tp)
+    fields = dataclasses.fields(tp)
+    return frozenset(f.name for f in fields), tuple(
+        (f.name, hints[f.name], f.default_factory is not dataclasses.MISSING) for f in fields
+    )
+
+
 def _decode(tp: Any, value: Any, where: str) -> Any:
     """Rebuild a typed value from JSON data, refusing anything of the wrong shape."""
     origin = typing.get_origin(tp)
@@ -171,18 +183,17 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise BadInput(f"{where}: expected an object")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
+        names, fields = _fields(tp)
         unknown = sorted(set(value) - names)
         if unknown:
             raise BadInput(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(sorted(names))}")
         kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name not in value:
-                if f.default_factory is not dataclasses.MISSING or f.default is not dataclasses.MISSING:
+        for name, hint, has_default in fields:
+            if name not in value:
+                if has_default:
                     continue
-                raise BadInput(f"{where}.{f.name}: missing")
-            kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{where}.{f.name}")
+                raise BadInput(f"{where}.{name}: missing")
+            kwargs[name] = _decode(hint, value[name], f"{where}.{name}")
         return tp(**kwargs)
     if origin is list:
         if not isinstance(value, list):

@@ -316,16 +316,17 @@ def help_flags(text: str) -> frozenset[str] | None:
     (some servers print nothing, or an error, for --help)."""
     import re
 
-    flags = frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
+    flags = frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9_-]*", text))
     return flags if len(flags) >= HELP_FLAG_MIN else None
 
 
-def probe_flags(program: str, timeout: float = 20.0) -> frozenset[str] | None:
-    """Run `program --help` (bounded in time and size) and read its long options. llama.cpp renames flags
+def probe_flags(program: str, timeout: float = 20.0, args: tuple[str, ...] = ("--help",)) -> frozenset[str] | None:
+    """Run `program ARGS` (`llama-server --help`, `python3 -m llama_cpp.server --help`; bounded in time and size)
+    and read its long options. llama.cpp renames flags
     between builds (--no-mmap and --mlock became --load-mode), and some builds print help and exit 0 on an
     unknown flag, which looks like success: the flags are checked against this list before the server starts."""
     try:
-        done = subprocess.run([program, "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+        done = subprocess.run([program, *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                               check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -12,7 +12,7 @@ from importlib.resources.abc import Traversable
 
 from .errors import BadInput
 
-_KEYS = {"description", "program", "model_file", "command", "health", "environment"}
+_KEYS = {"description", "program", "model_file", "command", "health", "environment", "probe"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Preset:
     command: tuple[str, ...]  # jinja2 templates, one per argument
     health: str  # jinja2 template of the readiness URL
     environment: dict[str, str]  # name → jinja2 template
+    probe: tuple[str, ...] | None = None  # arguments after the program that print its help; None: not probed
 
 
 def _directory() -> Traversable:
@@ -50,7 +51,7 @@ def load_preset(name: str) -> Preset:
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"{source}: not valid TOML ({exc})") from None
     problems = [f"unknown key {k}" for k in sorted(set(doc) - _KEYS)]
-    problems += [f"missing key {k}" for k in sorted(_KEYS - set(doc) - {"environment"})]
+    problems += [f"missing key {k}" for k in sorted(_KEYS - set(doc) - {"environment", "probe"})]
     if not problems:
         env = doc.get("environment", {})
         for key, ok in (
@@ -60,13 +61,15 @@ def load_preset(name: str) -> Preset:
             ("command", _strings(doc["command"])),
             ("health", isinstance(doc["health"], str) and doc["health"].startswith("http://")),
             ("environment", isinstance(env, dict) and all(isinstance(v, str) for v in env.values())),
+            ("probe", "probe" not in doc or _strings(doc["probe"])),
         ):
             if not ok:
                 problems.append(f"bad value for {key}")
     if problems:
         raise BadInput(
             f"{source}: {'; '.join(problems)}; allowed: description, program, model_file (bool), "
-            "command (list of templates), health (http:// URL template), [environment] (name = template)"
+            "command (list of templates), health (http:// URL template), [environment] (name = template), "
+            "probe (the arguments that print the server's help)"
         )
     return Preset(
         name=name,
@@ -76,4 +79,5 @@ def load_preset(name: str) -> Preset:
         command=tuple(doc["command"]),
         health=doc["health"],
         environment=dict(doc.get("environment", {})),
+        probe=tuple(doc["probe"]) if "probe" in doc else None,
     )

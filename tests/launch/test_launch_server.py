@@ -9,6 +9,7 @@ import selectors
 import signal
 import subprocess
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -268,3 +269,29 @@ def test_progress_on_a_terminal_and_ctrl_c(tmp_path: Path, etc: Path) -> None:
     assert "\r\x1b[Kautoglm-tune: model ready" in text
     assert os.waitstatus_to_exitcode(status) == 0
     assert processes_mentioning(str(www)) == []
+
+
+def test_llama_cpp_python_help_is_probed_and_a_flag_it_lacks_is_refused(
+    tmp_path: Path, tiny_model: Path, llama_python: Path, etc: Path
+) -> None:
+    """The real `python -m llama_cpp.server --help` lists every flag the preset passes (underscored names too);
+    a flag it does not list is exit 2, one line naming it, before anything starts."""
+    from autoglm_tune.launch import probe_flags
+    from autoglm_tune.presets import load_preset
+
+    preset = load_preset("llama-cpp-python")
+    assert preset.probe is not None
+    listed = probe_flags(str(llama_python), args=preset.probe)
+    assert listed is not None
+    assert {t for t in preset.command if t.startswith("--")} <= listed
+
+    policy = server_policy(tmp_path, tiny_model, llama_python)
+    ok = launch("--policy", str(policy), "--dry-run", "--json", env=cli_env(etc))
+    assert ok.returncode == 0, ok.stderr
+    doc = tomllib.loads(policy.read_text())
+    doc["model"]["args"] = ["--no_such_setting", "1"]
+    bad = launch("--policy", str(write_policy(policy, doc)), "--dry-run", env=cli_env(etc))
+    assert bad.returncode == 2 and bad.stdout == "", bad
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoglm-tune: error: [model] program: "), bad.stderr
+    assert "does not take --no_such_setting" in lines[0]
