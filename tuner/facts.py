@@ -167,7 +167,8 @@ def _fields(tp: type) -> tuple[frozenset[str], tuple[tuple[str, Any, bool], ...]
     hints = typing.get_type_hints(tp)
     fields = dataclasses.fields(tp)
     return frozenset(f.name for f in fields), tuple(
-        (f.name, hints[f.name], f.default_factory is not dataclasses.MISSING) for f in fields
+        (f.name, hints[f.name], f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+        for f in fields
     )
 
 
