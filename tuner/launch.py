@@ -343,17 +343,18 @@ def server_flags(listed: frozenset[str] | None, preset: Preset) -> frozenset[str
     return listed
 
 
-def missing_flag(argv: list[str], flags: frozenset[str] | None, program: str) -> None:
-    """BadInput for the first long option in `argv` that the program's --help does not list."""
+def missing_flag(argv: list[str], flags: frozenset[str] | None, program: str, preset: Preset) -> None:
+    """BadInput for the first long option in `argv` that the program's help (the preset's probe) does not list."""
     if flags is None:
         return
+    asked = " ".join([program, *(preset.probe or ("--help",))])
     for arg in argv[1:]:
         name = arg.split("=", 1)[0]
         if name.startswith("--") and name not in flags:
             raise BadInput(
-                f"[model] program: {program} does not take {name} (its --help does not list it; llama.cpp renames "
-                "flags between builds); allowed: a build whose --help lists it, or [model] args and a preset that "
-                "match this build"
+                f"[model] program: {program} does not take {name} (`{asked}` does not list it: this {preset.name} "
+                "build or release lacks it); allowed: a build whose help lists it, or [model] args and a preset "
+                "that match this build"
             )
 
 
@@ -455,7 +456,7 @@ def build_spec(
     else:
         argv = _render_args(preset.command, variables, f"preset {preset.name} command")
         argv += _render_args(model["args"], variables, "[model] args")
-        missing_flag(argv, flags, variables["program"])
+        missing_flag(argv, flags, variables["program"], preset)
     if not argv or not argv[0]:
         raise BadInput("the command is empty; allowed: a program and its arguments")
     environment = {

@@ -8,7 +8,6 @@ zswap settings before zswap is switched on, then sysctls, then units.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +70,8 @@ class Plan:
             "notes": self.notes,
             "conflicts": self.conflicts,
         }
+        import hashlib  # here, not at the top: `diff` shows no plan id, and hashlib (OpenSSL) costs it ~3 ms
+
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         return {"plan_id": digest[:16], **body}
 

@@ -13,7 +13,6 @@ import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -433,7 +432,9 @@ def _read_policy(path: Path) -> dict[str, Any]:
 
 
 def default_policy_text() -> str:
-    return resources.files("autoglm_tune.policies").joinpath("default.toml").read_text()
+    from autoglm_tune.policies import DIRECTORY
+
+    return (DIRECTORY / "default.toml").read_text()
 
 
 def policy_files(explicit: Path | None, etc_dir: Path | None = None) -> list[Path]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from importlib import resources
-from importlib.resources.abc import Traversable
+from pathlib import Path
 
 from .errors import BadInput
 
@@ -27,8 +26,10 @@ class Preset:
     probe: tuple[str, ...] | None = None  # arguments after the program that print its help; None: not probed
 
 
-def _directory() -> Traversable:
-    return resources.files("autoglm_tune.policies").joinpath("presets")
+def _directory() -> Path:
+    from autoglm_tune.policies import DIRECTORY
+
+    return DIRECTORY / "presets"
 
 
 def preset_names() -> list[str]:

@@ -41,8 +41,13 @@ def total_mib() -> int:
     return bench_machine.meminfo()["MemTotal"] // 1024
 
 
+# enough tokens that the request's window spans frames of a desktop at nice 0 beside a model at nice -10 (with 8,
+# about 0.1 s on the tiny model, the starved desktop sometimes finished no frame in it: ops_s 0)
+TOKENS = 48
+
+
 def bench_argv(model: Path, tmp_path: Path, server: Path, *extra: str) -> list[str]:
-    return [CLI, "bench", "--model", str(model), "--rounds", "1", "--tokens", "8", "--context", "512",
+    return [CLI, "bench", "--model", str(model), "--rounds", "1", "--tokens", str(TOKENS), "--context", "512",
             "--ram-mib", str(total_mib() - 512), "--desktop-mib", "64", "--file-mib", "16",
             "--server-bin", str(server), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *extra]
 
@@ -73,8 +78,14 @@ def test_smoke_run_measures_applies_and_restores_everything(
     assert set(runs) == set(SMOKE_CONFIGS) and doc["options"]["server"] == "llama-server"
     for config, r in runs.items():
         assert report.failed(r) is None, (config, r.get("error"))
-        assert r["tokens"] == 8 and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
-        assert r["value"] == r["tok_s"] and len(r["gaps_ms"]) == 7
+        assert r["tokens"] == TOKENS and r["tok_s"] > 0 and r["ttft_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        assert r["value"] == r["tok_s"] and len(r["gaps_ms"]) == TOKENS - 1
+        # the server process as psutil reads it (status's reader), once loaded and at the request's end
+        for seen_at in (r["process"], r["process_after"]):
+            assert seen_at["rss_kib"] >= seen_at["uss_kib"] > 0 and seen_at["swap_kib"] >= 0, seen_at
+            assert seen_at["io_class"] in ("none", "best-effort", "idle", "realtime"), seen_at
+            assert seen_at["sched_policy"] == "other" and isinstance(seen_at["oom_score_adj"], int), seen_at
+        assert r["counters"]["model_swap_mib"] == r["process_after"]["swap_kib"] // 1024
         assert r["probe"]["memcpy_gbs"] > 0 and r["probe"]["tiny_tok_s"] > 0  # the calibration probe ran
         assert r["counters"]["pgscan"] >= 0 and "psi_memory_some_ms" in r["counters"]
         if config == "limit":
@@ -189,3 +200,26 @@ def test_bad_input_is_one_line_naming_the_flag(args: list[str], flag: str, root:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "allowed" in lines[0], done.stderr
     assert bench_machine.read_settings(bench_machine.setting_paths()) == before
+
+
+def test_a_build_without_a_flag_the_bench_passes_is_refused_before_anything_runs(
+    tiny_model: Path, llama_server: Path, tmp_path: Path
+) -> None:
+    """The bench probes the server the way `launch` does (the preset's probe) and checks its own command lines:
+    an older llama-server without --prio (the one-flag hand-tune's flag) is refused naming it, exit 2, and nothing
+    changed. The older build is a stand-in that prints this build's real help with --prio taken out."""
+    real = subprocess.run([str(llama_server), "--help"], capture_output=True, text=True, timeout=60)
+    older = tmp_path / "llama-server"
+    help_text = tmp_path / "help.txt"
+    help_text.write_text("".join(line for line in (real.stdout + real.stderr).splitlines(keepends=True)
+                                 if "--prio " not in line and "--prio," not in line))
+    older.write_text(f"#!/bin/sh\ncat {help_text}\n")
+    older.chmod(0o755)
+    before = machine(tiny_model)
+    argv = bench_argv(tiny_model, tmp_path, older, "--scenario", "mild", "--config", "untuned,hand-tune")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not take --prio" in lines[0] and "allowed" in lines[0], done.stderr
+    assert f"`{older} --help` does not list it" in lines[0]
+    assert machine(tiny_model) == before and not (tmp_path / "out" / "results.json").exists()

@@ -419,6 +419,7 @@ def test_a_flag_the_build_does_not_list_is_refused_naming_it() -> None:
         launch.build_spec(PROCESS, model_policy(args=["--no-mmap"]), load_preset("llama-server"),
                           machine(program_flags=listed))
     assert "does not take --no-mmap" in str(exc.value) and "allowed:" in str(exc.value)
+    assert "`llama-server --help` does not list it: this llama-server build" in str(exc.value)
     assert launch.help_flags("usage: server [-h]\n--port P\n") is None  # too few to judge a build by
     # another program's help (python3 as a stand-in server, a wrapper script) does not judge the preset's flags
     other = launch.help_flags("--check-hash-based-pycs M\n--help-env\n--help-xoptions\n--help-all\n--version\n")

@@ -295,3 +295,4 @@ def test_llama_cpp_python_help_is_probed_and_a_flag_it_lacks_is_refused(
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autoglm-tune: error: [model] program: "), bad.stderr
     assert "does not take --no_such_setting" in lines[0]
+    assert f"`{llama_python} -m llama_cpp.server --help` does not list it: this llama-cpp-python" in lines[0]

@@ -124,6 +124,20 @@ def _majflt(pid: int) -> int | None:
         return None
 
 
+PROCESS_FIGURES = ("rss_kib", "uss_kib", "swap_kib", "io_class", "io_priority", "sched_policy", "oom_score_adj")
+
+
+def _server_process(pid: int) -> dict[str, Any]:
+    """The server process as psutil reports it (`status`'s reader: CPU set, threads, nice, I/O class, RSS, USS,
+    swap; locked memory from /proc); a BenchError when it is gone, which fails the run."""
+    from ..model_status import read_process
+
+    found = read_process(pid)
+    if found is None:
+        raise BenchError(f"the server (pid {pid}) is gone")
+    return found
+
+
 def _proc_mib(pid: int, file: str, field: str) -> int | None:
     """A "Field:  N kB" line of /proc/PID/FILE in MiB; None when the process or the field is gone."""
     try:
@@ -157,10 +171,9 @@ class Bench:
         self.policy = policy
         self.server_bin = server_bin
         self.probe_model = probe_model
-        from ..launch import probe_flags
-
-        self.flags = (probe_flags(str(server_bin)) if server_bin else None) or frozenset()
         self.python = LLAMA_VENV / "bin" / "python"
+        self.flags: frozenset[str] | None = None
+        self.check_server_flags()
         self.total_mib = meminfo()["MemTotal"] // 1024
         self.count = 0
         self.base_policy: dict[str, Any] = {}
@@ -176,6 +189,24 @@ class Bench:
         self.files = work / "desktop-files"
         if opts.file_mib:
             subprocess.run([str(self.python), str(WORKER), "files", str(self.files), str(opts.file_mib)], check=True)
+
+    def check_server_flags(self) -> None:
+        """The server's options, probed the way `launch` probes them (the preset's `probe` arguments: llama-server
+        --help, python -m llama_cpp.server --help); then every command line the bench will start itself is
+        checked against them, so that a build without one of its flags is refused before anything runs."""
+        from ..launch import missing_flag, probe_flags, server_flags
+        from ..presets import load_preset
+
+        preset = load_preset(self.opts.server)
+        program = str(self.server_bin) if self.opts.server == "llama-server" else str(self.python)
+        if self.opts.server == "llama-server" and self.server_bin is None:
+            return
+        self.flags = server_flags(probe_flags(program, args=preset.probe or ("--help",)), preset)
+        for name in self.opts.configs:
+            config = CONFIGS_BY_NAME[name]
+            if config.start != "launch":  # `autoglm-tune launch` probes and refuses on its own
+                argv = self.server_argv(0, config)
+                missing_flag(argv[argv.index(program):], self.flags, program, preset)
 
     # -- scenario-wide parts --------------------------------------------------------------------
 
@@ -274,7 +305,7 @@ class Bench:
             argv += ["--prio", "2"] if config.start == "hand" else []  # llama.cpp's "high": nice -10
             if self.opts.mmap:
                 return argv
-            return argv + (["--load-mode", "none"] if "--load-mode" in self.flags else ["--no-mmap"])
+            return argv + (["--load-mode", "none"] if "--load-mode" in (self.flags or ()) else ["--no-mmap"])
         argv = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model.path), "--host", "127.0.0.1",
                 "--port", str(port), "--n_ctx", str(self.opts.context)]
         argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)] if threads else []
@@ -447,12 +478,11 @@ class Bench:
                 server, pid = self.start_server(port, cg, log, config)
             started.append(server)
             result["load_s"] = round(time.monotonic() - t0, 2)
-            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-            result["argv"] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-            result["os_threads"] = int(status["Threads"])  # all of its threads, HTTP ones included
-            result["nice"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-            result["cpus"] = status["Cpus_allowed_list"].strip()
-            result["vm_locked_kib"] = int(status["VmLck"].split()[0])
+            loaded = _server_process(pid)
+            result["argv"], result["os_threads"] = loaded["command"], loaded["threads"]  # HTTP threads included
+            result["nice"], result["cpus"] = loaded["nice"], loaded["cpus"]
+            result["vm_locked_kib"] = loaded["locked_kib"]
+            result["process"] = {k: loaded[k] for k in PROCESS_FIGURES}  # once loaded; "process_after": at the end
             result["memory_cgroup"], result["memcg_swappiness"] = memory_cgroup_of(pid)
             result["settings"] = read_settings(self.g.paths)  # as they were while it ran
             if scenario.idle_first:  # loaded and warmed, then left while the desktop works; another prompt
@@ -474,7 +504,9 @@ class Bench:
             counters: dict[str, float | None] = {k: counters1[k] - counters0.get(k, 0) for k in counters1
                                                   if k != "oom_kill"}
             counters["majflt"] = after - flt if after is not None and flt is not None else None
-            counters["model_swap_mib"] = _proc_mib(pid, "status", "VmSwap")  # its own pages in swap
+            served = _server_process(pid)
+            result["process_after"] = {k: served[k] for k in PROCESS_FIGURES}
+            counters["model_swap_mib"] = served["swap_kib"] // 1024 if served["swap_kib"] is not None else None
             mem = meminfo()
             counters["swap_used_mib"] = (mem["SwapTotal"] - mem["SwapFree"]) // 1024
             counters["zswap_stored_mib"] = mem.get("Zswapped", 0) // 1024
