@@ -84,7 +84,11 @@ def test_smoke_run_measures_applies_and_restores_everything(
         for seen_at in (r["process"], r["process_after"]):
             assert seen_at["rss_kib"] >= seen_at["uss_kib"] > 0 and seen_at["swap_kib"] >= 0, seen_at
             assert seen_at["io_class"] in ("none", "best-effort", "idle", "realtime"), seen_at
-            assert seen_at["sched_policy"] == "other" and isinstance(seen_at["oom_score_adj"], int), seen_at
+            assert isinstance(seen_at["oom_score_adj"], int), seen_at
+        # llama-server's --prio 2 as root: once it has decoded, its main thread (ggml's compute thread 0) runs
+        # under SCHED_FIFO too; every other configuration stays SCHED_OTHER throughout
+        assert r["process"]["sched_policy"] == "other", (config, r["process"])
+        assert r["process_after"]["sched_policy"] == ("fifo" if config == "hand-tune" else "other"), config
         assert r["counters"]["model_swap_mib"] == r["process_after"]["swap_kib"] // 1024
         assert r["probe"]["memcpy_gbs"] > 0 and r["probe"]["tiny_tok_s"] > 0  # the calibration probe ran
         assert r["counters"]["pgscan"] >= 0 and "psi_memory_some_ms" in r["counters"]
