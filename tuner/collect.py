@@ -399,13 +399,17 @@ def read_units(r: Reader) -> list[UnitFacts]:
     files: dict[str, str] = {}
     masked: dict[str, str] = {}
     for d in _UNIT_DIRS:
+        inside = r.resolve(d) is not None  # the directory, once: a plain file in it is then inside the root too
         for name in r.listdir(d):
             if not _UNIT_FILE.fullmatch(name):
                 continue
             rel = f"{d}/{name}"
-            if os.path.islink(r.path(rel)) and os.readlink(r.path(rel)) == "/dev/null":
+            if not os.path.islink(r.path(rel)):
+                if inside and name not in files:
+                    files[name] = rel
+            elif os.readlink(r.path(rel)) == "/dev/null":
                 masked.setdefault(name, "masked-runtime" if d.startswith("run") else "masked")
-            elif name not in files and r.resolve(rel):
+            elif name not in files and r.resolve(rel):  # a link: followed, and kept only inside the root
                 files[name] = rel
     wanted: dict[str, str] = {}
     for d in _UNIT_DIRS[:2]:
