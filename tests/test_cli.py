@@ -345,3 +345,48 @@ def test_status_and_verify_accept_policy(tmp_path: Path) -> None:
     bad = policy(tmp_path, "[vm]\nswappiness = 500\n")
     for command in ("status", "verify"):
         assert_one_line_error(run(command, "--policy", bad), "[vm] swappiness = 500")
+
+
+
+COUNT_BUILT = """
+import sys, typer.main as m
+built = []
+build = m.get_command_from_info
+m.get_command_from_info = lambda *a, **k: (built.append(1), build(*a, **k))[1]
+whole = sys.argv[1] == "--whole"
+sys.argv = ["autoglm-tune", *sys.argv[1 + whole:]]
+from autoglm_tune.cli import app, main
+try:
+    app() if whole else main()
+except SystemExit as exc:
+    print(f"exit {exc.code}")
+print(f"built {len(built)}", file=sys.stderr)
+"""
+
+
+def _built(*args: str) -> tuple[str, str, int]:
+    """stdout, stderr and how many commands typer built, for `autoglm-tune ARGS` through main() (or the whole
+    app, with --whole first)."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", COUNT_BUILT, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "100", "TYPER_USE_RICH": "0"})
+    err, count = proc.stderr.rsplit("built ", 1)
+    return proc.stdout, err, int(count)
+
+
+@pytest.mark.parametrize("args", [["diff", "--help"], ["plan", "--bogus"], ["system", "--help"], ["dif"], ["--help"]])
+def test_only_the_named_command_is_built_and_it_behaves_as_in_the_whole_app(args: list[str]) -> None:
+    """main() builds the one command named on the line (typer's reading of every signature is part of diff's
+    start-up); what the user sees is what the whole app says."""
+    out, err, built = _built(*args)
+    whole_out, whole_err, whole = _built("--whole", *args)
+    assert (out, err) == (whole_out, whole_err)
+    assert "Usage: autoglm-tune" in out + err, (out, err)
+    assert whole > 10
+    if args[0] in ("diff", "plan"):
+        assert built == 1
+    elif args[0] == "system":
+        assert 1 < built < whole
+    else:
+        assert built == whole

@@ -284,5 +284,24 @@ def _start(lc: ModuleType, spec: Any, model: dict[str, Any], log: Path, json_out
     return lc.run(spec, log, json_out, sys.stdout, sys.stderr)
 
 
+def _only(name: str) -> typer.Typer | None:
+    """An app holding only the command (or group) `name`, with the same options and callback; None when no
+    command has that name."""
+    commands = [c for c in app.registered_commands
+                if (c.name or typer.main.get_command_name(c.callback.__name__ if c.callback else "")) == name]
+    groups = [g for g in app.registered_groups if g.name == name]
+    if not commands and not groups:
+        return None
+    only = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+    only.registered_callback = app.registered_callback
+    only.registered_commands = commands
+    only.registered_groups = groups
+    return only
+
+
 def main() -> None:
-    app()
+    """Typer reads every command's signature and type hints when it builds the app (about 10 ms of `diff`'s
+    start-up, README "Performance"), so only the command named on the line is built; no command, an option
+    first or an unknown name builds them all, for the usage list and "No such command"."""
+    only = _only(sys.argv[1]) if len(sys.argv) > 1 else None
+    (only or app)()
