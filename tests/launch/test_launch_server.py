@@ -70,7 +70,8 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, s
 def test_server_runs_with_the_planned_settings_and_answers(
     tmp_path: Path, tiny_model: Path, llama_python: Path, etc: Path
 ) -> None:
-    env = cli_env(etc)
+    # a HOST and a PORT in the user's environment, which llama-cpp-python prefers to --host and --port
+    env = cli_env(etc) | {"HOST": "127.0.0.2", "PORT": str(free_port())}
     policy = server_policy(
         tmp_path,
         tiny_model,
@@ -114,6 +115,7 @@ def test_server_runs_with_the_planned_settings_and_answers(
         assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "300"
         env_of_server = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"OMP_NUM_THREADS=2" in env_of_server
+        assert f"PORT={planned['health_url'].split(':')[2].split('/')[0]}".encode() in env_of_server
     finally:
         code, err = stop(proc)
     assert code == 0, err
