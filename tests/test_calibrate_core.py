@@ -5,12 +5,16 @@ the model file or the CPU topology changes. The measurement itself needs a real 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from autoglm_tune import calibrate_core as core
+from autoglm_tune.bench import stats
 from autoglm_tune.collect import collect_facts
 from autoglm_tune.errors import BadInput
 from autoglm_tune.facts import Facts, facts_from_json
@@ -105,7 +109,7 @@ def test_a_clearly_faster_candidate_wins_over_the_simpler() -> None:
 
 
 def test_equal_speeds_are_a_tie_kept_at_the_simpler_choice() -> None:
-    d = core.decide([A, B], rounds([100, 100.5, 99.8, 100.2], [100.4, 100.1, 100.3, 99.9]))
+    d = core.decide([A, B], rounds([100, 100.5, 99.8, 100.2], [100.4, 100.1, 100.3, 99.9]), final=True)
     assert d.decided and d.leader == "wide" and d.choice == "simple"
     assert d.comparisons[0].verdict == "same"
 
@@ -118,6 +122,46 @@ def test_undecided_keeps_the_simpler_choice_and_says_so() -> None:
 def test_nothing_is_decided_before_the_minimum_rounds() -> None:
     assert not core.decide([A, B], rounds([50, 51], [100, 101])).decided
     assert core.decide([A, B], rounds([50, 51, 50], [100, 101, 100])).decided
+
+
+def test_a_difference_is_decided_only_at_a_look() -> None:
+    """Looks after 3, 6, 12, 24, 48 and 96 rounds, and the one when measuring ends (final)."""
+    assert [n for n in range(1, 200) if core.is_look(n)] == [3, 6, 12, 24, 48, 96] and core.MAX_ROUNDS == 96
+    clear = rounds([50, 52, 49, 51, 50, 50], [100, 98, 101, 99, 100, 100])
+    assert [core.decide([A, B], clear[:n]).decided for n in range(3, 7)] == [True, False, False, True]
+    assert core.decide([A, B], clear[:5], final=True).decided
+
+
+def _calibrations_calling_a_difference(decide: Callable[[list[dict[str, float]], bool], core.Decision],
+                                       runs: int, max_rounds: int, seed: int) -> float:
+    """The share of simulated calibrations of two equally fast candidates (5 % noise per burst) that end with a
+    comparison called slower or faster, each stopped when decided or after `max_rounds` (the budget)."""
+    rng = random.Random(seed)
+    called = 0
+    for _ in range(runs):
+        measured: list[dict[str, float]] = []
+        while True:
+            measured.append({"simple": 100 * math.exp(rng.gauss(0, 0.05)), "wide": 100 * math.exp(rng.gauss(0, 0.05))})
+            last = len(measured) == max_rounds
+            d = decide(measured, last)
+            if d.decided or last:
+                break
+        called += any(k.verdict in ("slower", "faster") for k in d.comparisons)
+    return called / runs
+
+
+def test_the_looks_keep_the_chance_of_calling_a_difference_that_is_not_there_within_5_percent() -> None:
+    """Two equally fast settings, 60 rounds of budget: the looks call a difference in at most 5 % of
+    calibrations; a 95 % interval looked at after every round (the rule before) calls one far more often."""
+    looks = _calibrations_calling_a_difference(lambda m, last: core.decide([A, B], m, final=last), 400, 60, 1)
+    assert looks <= 0.05
+
+    def every_round_at_95(measured: list[dict[str, float]], last: bool) -> core.Decision:
+        interval = stats.paired_ratio([(r["simple"], r["wide"]) for r in measured])
+        k = core.Comparison("simple", "wide", interval, core.verdict(interval))
+        return core.Decision("wide", "simple", len(measured) >= 3 and k.verdict != "undecided", [k])
+
+    assert _calibrations_calling_a_difference(every_round_at_95, 400, 60, 1) > 3 * max(looks, 0.02)
 
 
 def test_rounds_are_rotated_so_no_candidate_always_runs_first() -> None:
@@ -298,7 +342,8 @@ def test_nice_candidates_are_the_chosen_set_at_the_plans_nice_first_then_nice_0(
 @pytest.mark.parametrize(
     ("plan", "zero", "choice", "decided"),
     [
-        ([10.0, 10.1, 9.9, 10.0], [10.05, 10.0, 10.0, 9.95], "nice -10 (the plan's)", True),  # a tie: the plan's
+        ([10.0, 10.1, 9.9, 10.0, 10.05, 9.95], [10.05, 10.0, 10.0, 9.95, 10.0, 10.0], "nice -10 (the plan's)",
+         True),  # a tie: the plan's
         ([8.0, 8.1, 7.9], [10.0, 10.2, 9.9], "nice 0", True),  # nice 0 shown faster
         ([10.0, 10.2, 9.9], [8.0, 8.1, 7.9], "nice -10 (the plan's)", True),  # the plan's shown faster
         ([10.0, 6.0, 13.0], [9.0, 12.0, 9.5], "nice -10 (the plan's)", False),  # undecided: the plan's
@@ -308,7 +353,7 @@ def test_the_plans_nice_is_kept_unless_nice_0_is_shown_faster(
     plan: list[float], zero: list[float], choice: str, decided: bool
 ) -> None:
     cands = core.nice_candidates(CHOSEN, -10)
-    d = core.decide(cands, nice_rounds(plan, zero))
+    d = core.decide(cands, nice_rounds(plan, zero), final=True)
     assert (d.choice, d.decided) == (choice, decided)
 
 

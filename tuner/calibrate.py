@@ -214,7 +214,7 @@ def rounds_until(bench_bin: Path, model: Path, cands: list[core.Candidate], toke
             need = math.ceil((elapsed + (core.MIN_ROUNDS - 1) * longest) * budget_s / phase_end_s) + 1
             raise BadInput(f"--budget {budget_s}s: too short for {core.MIN_ROUNDS} rounds with this model (one round "
                            f"takes {longest:.1f} s); allowed: --budget {need}s or more")
-        if elapsed + longest > phase_end_s:
+        if elapsed + longest > phase_end_s or len(rounds) >= core.MAX_ROUNDS:
             return rounds
 
 
@@ -236,12 +236,12 @@ def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s:
     rounds = rounds_until(bench_bin, model, cands, tokens, start, cpu_end, budget_s, True, err)
     nice = None
     if plan_nice is not None:
-        chosen = next(c for c in cands if c.name == core.decide(cands, rounds).choice)
+        chosen = next(c for c in cands if c.name == core.decide(cands, rounds, final=True).choice)
         nice_cands = core.nice_candidates(chosen, plan_nice)
         with background_load(cpus) as load:
             nice_rounds = rounds_until(bench_bin, model, nice_cands, tokens, start, budget_s, budget_s, False, err)
             load_s = cpu_seconds(load.pid)
-        nice = core.NiceResult(nice_cands, nice_rounds, core.decide(nice_cands, nice_rounds), load_s)
+        nice = core.NiceResult(nice_cands, nice_rounds, core.decide(nice_cands, nice_rounds, final=True), load_s)
     if err.isatty():
         err.write("\n")
     return gbs, rounds, tokens, nice, time.monotonic() - start
@@ -306,7 +306,8 @@ def calibrate(model: Path | None, budget: str, json_out: bool, output: Path | No
     gbs, rounds, tokens, nice, elapsed = _interruptible(
         bench_bin, model_file, cands, budget_s, machine.shape.context_length, plan_nice, set(machine.allowed_cpus), err)
     result = core.Result(
-        cands=cands, rounds=rounds, decision=core.decide(cands, rounds), memcpy_gbs=gbs, model_path=str(model_file),
+        cands=cands, rounds=rounds, decision=core.decide(cands, rounds, final=True), memcpy_gbs=gbs,
+        model_path=str(model_file),
         model_bytes=st.st_size, model_mtime_ns=st.st_mtime_ns, topology=core.topology(facts.cpu),
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), host=facts.hostname or "unknown", elapsed_s=elapsed,
         budget_s=budget_s, tokens=tokens, nice=nice, nice_skipped=nice_skipped,

@@ -3,11 +3,17 @@ over interleaved rounds, the memory-bandwidth limit, the policy drop-in that rec
 such a record still describes the machine and model it was measured on. No I/O here.
 
 Decision rule: every round runs each candidate once (the order rotated round by round, so drift hits all
-alike). A comparison is the paired ratio candidate ÷ leader over the rounds (bench.stats.paired_ratio, a 95 %
+alike). A comparison is the paired ratio candidate ÷ leader over the rounds (bench.stats.paired_ratio, a
 t-interval of the log-ratio): decided when its interval excludes 1 (the candidate is slower) or lies inside
 ±EQUIVALENT (as fast, for any practical purpose). The leader has the highest geometric-mean speed. When all
 comparisons are decided, or the budget is spent, the choice is the simplest of the leader and every candidate
 not shown slower: a tie keeps the simpler choice.
+
+Looks: the rounds are looked at only after MIN_ROUNDS of them and each time their number doubles (3, 6, 12, 24,
+48, 96: MAX_LOOKS), and once when the budget ends, each at LOOK_LEVEL = 1 − 5 %/(MAX_LOOKS + 1), so the chance
+that any look calls a difference that is not there stays within 5 % (Bonferroni). A 95 % interval looked at
+after every round, as before 2026-12-03, called a direction in 4 of 10 calibrations of two equally fast
+settings (docs/BENCHMARKS.md, "Calibration").
 
 Nice: after the CPU sets, the chosen set is measured at the plan's nice and at nice 0, interleaved the same way,
 while a light background load runs (LOAD_WORK_MS of CPU work every LOAD_PERIOD_MS at nice 0). The simpler of the
@@ -39,6 +45,9 @@ DEFAULT = "the plan's default"
 
 MIN_ROUNDS = 3  # a t-interval from 2 pairs is 12.7 standard errors wide: nothing is decided before 3
 EQUIVALENT = 0.03  # within ±3 % two candidates are as fast as each other: the simpler one is kept
+MAX_LOOKS = 6  # the decision is looked at after 3, 6, 12, 24, 48 and 96 rounds (and when the budget ends)
+MAX_ROUNDS = MIN_ROUNDS * 2 ** (MAX_LOOKS - 1)
+LOOK_LEVEL = 1 - 0.05 / (MAX_LOOKS + 1)  # each look's interval: 99.3 %
 BURST_S = 1.0  # the decode time one burst aims at
 MIN_TOKENS, MAX_TOKENS = 8, 512
 MIN_BURST_S = 0.5  # the least one burst (load + decode) takes: what a budget must allow per burst
@@ -167,8 +176,14 @@ def verdict(interval: dict[str, Any]) -> str:
 
 
 def compare(rounds: Sequence[Mapping[str, float]], a: str, b: str) -> Comparison:
-    interval = paired_ratio([(r[a], r[b]) for r in rounds])
+    interval = paired_ratio([(r[a], r[b]) for r in rounds], LOOK_LEVEL)
     return Comparison(a, b, interval, verdict(interval))
+
+
+def is_look(n_rounds: int) -> bool:
+    """Whether the decision is looked at after `n_rounds` rounds: MIN_ROUNDS × 2^k, up to MAX_ROUNDS."""
+    k, rest = divmod(n_rounds, MIN_ROUNDS)
+    return rest == 0 and 1 <= k <= MAX_ROUNDS // MIN_ROUNDS and k & (k - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -179,15 +194,17 @@ class Decision:
     comparisons: list[Comparison] = field(default_factory=list)  # each other candidate ÷ the choice
 
 
-def decide(cands: Sequence[Candidate], rounds: Sequence[Mapping[str, float]]) -> Decision:
+def decide(cands: Sequence[Candidate], rounds: Sequence[Mapping[str, float]], final: bool = False) -> Decision:
     """The leader, whether every comparison with it is decided, and the choice (`cands` simplest first;
-    `rounds`: each a complete round, candidate name → tok/s)."""
+    `rounds`: each a complete round, candidate name → tok/s). Decided only at a look: a scheduled one
+    (is_look) or, `final`, the one when the measuring ends."""
     if not rounds:
         raise ValueError("decide: no rounds measured")
     speed = {c.name: geomean([r[c.name] for r in rounds]) for c in cands}
     leader = max(cands, key=lambda c: speed[c.name]).name  # max() keeps the first, i.e. simplest, of equals
     versus_leader = {c.name: compare(rounds, c.name, leader) for c in cands if c.name != leader}
-    decided = len(rounds) >= MIN_ROUNDS and all(v.verdict != "undecided" for v in versus_leader.values())
+    looked = final or is_look(len(rounds))
+    decided = looked and len(rounds) >= MIN_ROUNDS and all(v.verdict != "undecided" for v in versus_leader.values())
     tied = [c for c in cands if c.name == leader or versus_leader[c.name].verdict != "slower"]
     choice = tied[0].name
     return Decision(leader, choice, decided, [compare(rounds, c.name, choice) for c in cands if c.name != choice])
@@ -282,7 +299,7 @@ class NiceResult:
             "load": {"work_ms": LOAD_WORK_MS, "period_ms": LOAD_PERIOD_MS, "nice": 0,
                      "cpu_s": round(self.load_cpu_s, 2)},
             "rounds": len(self.rounds), "decided": d.decided, "leader": d.leader, "choice": d.choice,
-            "nice": self.chosen().nice,
+            "nice": self.chosen().nice, "interval_level": round(LOOK_LEVEL, 4),
             "candidates": [{"name": c.name, "nice": c.nice, "cpus": list(c.cpus), "default": c.default,
                             "tok_s": [r[c.name] for r in self.rounds], "median_tok_s": round(self.median(c.name), 2)}
                            for c in self.cands],
@@ -339,6 +356,7 @@ class Result:
             "memcpy_gbs": self.memcpy_gbs, "limit_tok_s": round(self.limit, 1),
             "budget_s": self.budget_s, "elapsed_s": round(self.elapsed_s, 1), "tokens_per_burst": self.tokens,
             "rounds": len(self.rounds), "decided": d.decided, "leader": d.leader, "choice": d.choice,
+            "interval_level": round(LOOK_LEVEL, 4),
             "candidates": [
                 {"name": c.name, "cpus": list(c.cpus), "threads": c.threads, "default": c.default,
                  "tok_s": [r[c.name] for r in self.rounds], "median_tok_s": round(self.median(c.name), 2),

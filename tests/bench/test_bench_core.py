@@ -97,6 +97,22 @@ def test_t_quantiles_and_wilson_intervals() -> None:
     assert stats.histogram_percentile([90, 9, 1], 99, 1.0) == 2.0 and stats.histogram_percentile([0], 99, 1) is None
 
 
+def test_t_quantiles_at_any_level_match_the_table_and_published_values() -> None:
+    """t_quantile (calibrate's corrected looks) agrees with the 95 % table row by row and with published
+    99 % and 99.9 % two-sided values."""
+    for df, value in stats._T975.items():
+        assert stats.t_quantile(0.975, df) == pytest.approx(value, abs=0.0006), df
+    assert stats.t_quantile(0.995, 2) == pytest.approx(9.925, abs=0.001)
+    assert stats.t_quantile(0.995, 10) == pytest.approx(3.169, abs=0.001)
+    assert stats.t_quantile(0.9995, 5) == pytest.approx(6.869, abs=0.001)
+    assert stats.t_cdf(-stats.t_quantile(0.9, 7), 7) == pytest.approx(0.1, abs=1e-9)
+    wide = stats.paired_ratio([(2.0, 1.0), (2.2, 1.0), (1.9, 1.0)], 0.99)
+    narrow = stats.paired_ratio([(2.0, 1.0), (2.2, 1.0), (1.9, 1.0)])
+    assert wide["low"] < narrow["low"] < narrow["ratio"] == wide["ratio"] < narrow["high"] < wide["high"]
+    with pytest.raises(ValueError):
+        stats.t_quantile(1.0, 3)
+
+
 def test_primary_figure_and_failures_per_scenario() -> None:
     s = design.SCENARIOS
     assert report.primary(s["heavy"], {"tok_s": 3.0}) == 3.0

@@ -9,6 +9,7 @@ what "0 OOM kills in 5 runs" can honestly claim.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -36,9 +37,53 @@ def t975(df: int) -> float:
     return _T975[max(k for k in _T975 if k < df)]
 
 
-def paired_ratio(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
-    """Geometric-mean ratio a/b over paired runs with its 95 % t-interval on the log scale.
-    `pairs` are (a, b) from the same round, both > 0. Fewer than 2 pairs: the estimate without an interval."""
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T ≤ t) for Student's t with `df` degrees of freedom: 1 − I_x(df/2, 1/2)/2 with x = df/(df + t²)."""
+    a, b, x = df / 2, 0.5, df / (df + t * t)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        tail = front * _beta_fraction(a, b, x) / a
+    else:
+        tail = 1 - front * _beta_fraction(b, a, 1 - x) / b
+    return 1 - tail / 2 if t >= 0 else tail / 2
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """The `p` quantile (0.5 < p < 1) of Student's t with `df` degrees of freedom, by bisection to 1e-9."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t quantile p={p}, df={df}: allowed: 0.5 < p < 1, df ≥ 1")
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        high *= 2
+    while high - low > 1e-9:
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return high
+
+
+def paired_ratio(pairs: Sequence[tuple[float, float]], level: float = 0.95) -> dict[str, Any]:
+    """Geometric-mean ratio a/b over paired runs with its t-interval on the log scale (95 % unless `level`
+    says otherwise). `pairs` are (a, b) from the same round, both > 0. Fewer than 2 pairs: the estimate
+    without an interval."""
     logs = [math.log(a / b) for a, b in pairs if a > 0 and b > 0]
     n = len(logs)
     if n == 0:
@@ -46,7 +91,8 @@ def paired_ratio(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
     mean = statistics.fmean(logs)
     if n < 2:
         return {"n": 1, "ratio": round(math.exp(mean), 3), "low": None, "high": None}
-    half = t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    t = t975(n - 1) if level == 0.95 else t_quantile((1 + level) / 2, n - 1)
+    half = t * statistics.stdev(logs) / math.sqrt(n)
     return {"n": n, "ratio": round(math.exp(mean), 3), "low": round(math.exp(mean - half), 3),
             "high": round(math.exp(mean + half), 3)}
 
