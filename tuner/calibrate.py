@@ -27,7 +27,7 @@ from . import calibrate_core as core
 from .errors import BadInput, Interrupted, TuneError
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-MEMCPY_MIB = 128  # beyond the last-level cache of the machines this is for; 256 MiB in all while it runs
+MEMCPY_MIB = 128  # beyond the last-level cache; split among the copiers (≥ 32 MiB each), twice that in use
 
 
 class CalibrateError(TuneError):
@@ -224,11 +224,11 @@ def measure(bench_bin: Path, model: Path, cands: list[core.Candidate], budget_s:
     """The memcpy probe, a warm-up burst, rounds of the CPU sets, then (unless `plan_nice` is None) rounds of the
     chosen set at the plan's nice and at nice 0 under the background load on `cpus`:
     (memcpy GB/s, rounds, tokens per burst, the nice comparison, seconds taken)."""
-    from .bench.machine import memcpy_gbs
+    from .bench.machine import memcpy_gbs_on
 
     start = time.monotonic()
     progress(err, 0, budget_s, "memcpy probe")
-    gbs = memcpy_gbs(MEMCPY_MIB)
+    gbs = memcpy_gbs_on(cpus, MEMCPY_MIB)
     warm = burst(bench_bin, model, cands[0], core.MIN_TOKENS, budget_s)  # also brings the model into the page cache
     tokens = core.burst_tokens(warm, context_length)
     n_nice = 0 if plan_nice is None else 2

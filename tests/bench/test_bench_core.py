@@ -113,6 +113,23 @@ def test_t_quantiles_at_any_level_match_the_table_and_published_values() -> None
         stats.t_quantile(1.0, 3)
 
 
+def test_the_parallel_memcpy_probe_uses_every_cpu_and_leaves_no_child() -> None:
+    """One pinned copier per CPU, all at once (calibrate's bandwidth limit); none left behind, and a copier
+    that cannot start (a CPU this machine lacks) is one TuneError, not a wait for ever."""
+    import os
+
+    from autoglm_tune.errors import TuneError
+
+    cpus = os.sched_getaffinity(0)
+    assert machine.memcpy_gbs_on(cpus, 64, 1) > 0
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+    with pytest.raises(TuneError, match="memcpy probe failed to start"):
+        machine.memcpy_gbs_on({*cpus, 4095}, 64, 1)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
 def test_primary_figure_and_failures_per_scenario() -> None:
     s = design.SCENARIOS
     assert report.primary(s["heavy"], {"tok_s": 3.0}) == 3.0
