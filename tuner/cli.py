@@ -27,11 +27,8 @@ if TYPE_CHECKING:  # imported on use: `diff`'s start-up stays as measured
     from .facts import Facts
     from .planner import Plan
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+APP_SETTINGS: dict[str, Any] = {"add_completion": False, "no_args_is_help": True, "pretty_exceptions_enable": False}
+app = typer.Typer(**APP_SETTINGS)
 
 def _version(value: bool) -> None:
     """--version: the installed distribution's version (importlib.metadata, imported only for this)."""
@@ -292,7 +289,7 @@ def _only(name: str) -> typer.Typer | None:
     groups = [g for g in app.registered_groups if g.name == name]
     if not commands and not groups:
         return None
-    only = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+    only = typer.Typer(**APP_SETTINGS)
     only.registered_callback = app.registered_callback
     only.registered_commands = commands
     only.registered_groups = groups
