@@ -195,12 +195,13 @@ def test_more_threads_than_online_cpus_is_bad_input(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "warned"),
     [
-        ("[vm]\nswappiness = 20\n", True),  # the blog recipe, zswap planned on (auto) in front of the disk swap
-        ("[vm]\nswappiness = 60\n", True),
-        ("[vm]\nswappiness = 61\n", False),
+        ("[vm]\nswappiness = 20\n[zswap]\nenabled = true\n", True),  # the blog recipe, in front of the disk swap
+        ("[vm]\nswappiness = 60\n[zswap]\nenabled = true\n", True),
+        ("[vm]\nswappiness = 61\n[zswap]\nenabled = true\n", False),
         ("[vm]\nswappiness = 20\n[zswap]\nenabled = false\n", False),
-        ('[vm]\nswappiness = "keep"\n', True),  # the kernel's 60 stays, with zswap turned on
-        ("", False),  # auto: 133
+        ("[vm]\nswappiness = 20\n", False),  # zswap auto: left off
+        ('[vm]\nswappiness = "keep"\n[zswap]\nenabled = true\n', True),  # the kernel's 60 stays, zswap turned on
+        ("[zswap]\nenabled = true\n", False),  # swappiness auto: 133 with zswap
     ],
 )
 def test_low_swappiness_with_zswap_is_a_conflict(tmp_path: Path, text: str, warned: bool) -> None:

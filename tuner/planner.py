@@ -406,12 +406,6 @@ def _conflicts(facts: Facts) -> list[str]:
     return conflicts
 
 
-def _auto_zswap(facts: Facts, has_backing: bool) -> tuple[bool | None, str]:
-    """zswap = "auto" without zram: the rule, with the model protected where systemd gives it MemoryLow=."""
-    protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
-    return rules.zswap_enabled(False, has_backing, protected, len(facts.cpu.online))
-
-
 def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     """Swap, zswap and vm sysctls: kernel-wide, so only planned outside containers."""
     z, vm = policy["zswap"], policy["vm"]
@@ -427,17 +421,14 @@ def _kernel(b: _Builder, facts: Facts, policy: Policy) -> None:
     elif zram_active and z["enabled"] is True:
         wants_zswap = None
         enable_reason = "the policy asks for zswap, but in front of the active zram swap it compresses every page twice"
-    elif zram_active:
-        wants_zswap, enable_reason = rules.zswap_enabled(True, True, False, len(facts.cpu.online))
-    elif z["enabled"] == AUTO:
-        wants_zswap, enable_reason = _auto_zswap(facts, has_backing=True)  # disk swap, or the file planned below
+    elif z["enabled"] == AUTO:  # the model is protected where systemd gives it MemoryLow=
+        protected = facts.systemd_running and facts.cgroup.memory_controller == "v2"
+        wants_zswap, enable_reason = rules.zswap_enabled(zram_active, protected)
     else:
         wants_zswap, enable_reason = True, explicit
     file_class, file_change = None, None
     if wants_zswap is True and facts.zswap.present and not disk_swaps:
         file_class, file_change = _swap_file(b, policy)
-        if file_change is None and z["enabled"] == AUTO:
-            wants_zswap, enable_reason = _auto_zswap(facts, has_backing=False)
     classes = [a.device_class for a in disk_swaps] + ([file_class] if file_class else [])
     backing_class = min(classes, key=DEVICE_CLASSES.index) if classes else None
     if file_change is not None:

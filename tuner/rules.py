@@ -16,10 +16,6 @@ GIB_KIB = 1024 * 1024
 # inference box is CPU-bound on few cores), zstd compresses best, lzo-rle/lzo exist everywhere.
 AUTO_COMPRESSORS = ("lz4", "zstd", "lzo-rle", "lzo")
 
-# zswap stays off at this many CPUs or fewer: there it cost the model more than it saved (measured on 2).
-ZSWAP_MIN_CPUS = 2
-
-
 @dataclass(frozen=True)
 class SwapSituation:
     """What the swap rules need to know, derived from facts and the swap plan."""
@@ -29,13 +25,11 @@ class SwapSituation:
     zswap_on: bool  # zswap will be enabled after the plan
 
 
-def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, cpus: int) -> tuple[bool | None, str]:
-    """On in front of disk swap only where the model's own memory can be kept out of it and there are CPUs to spare
-    for compressing the rest; off in front of zram."""
+def zswap_enabled(zram_active: bool, model_protected: bool) -> tuple[bool, str]:
+    """Off by auto, for want of a measured gain anywhere it was measured; the policy's `enabled = true` turns it
+    on (with a swap file to stand on where there is no disk swap)."""
     if zram_active:
         return False, "an active zram swap is present: zswap in front of zram compresses every page twice (Arch wiki)"
-    if not has_backing:
-        return None, "no disk swap to back zswap; zswap stores nothing without a swap area"
     if not model_protected:
         return False, (
             "the model's memory cannot be kept out of swap here (MemoryLow= needs systemd with cgroup v2; mlock "
@@ -43,17 +37,11 @@ def zswap_enabled(zram_active: bool, has_backing: bool, model_protected: bool, c
             "heavy pressure ran 0.2 tok/s with 8.3 M major faults; with zswap off and the model in a memory cgroup "
             "of its own, 15.6 tok/s (untuned 7.7) and no OOM kill in 5 runs (docs/BENCHMARKS.md, 2026-11-27)"
         )
-    if cpus <= ZSWAP_MIN_CPUS:
-        return False, (
-            f"{cpus} CPU(s): zswap on cost the model 10 % in the seed's case (9B, llama-server, 8 GiB, heavy desktop: "
-            "0.90× [0.81–0.995] of the same plan with zswap off, 3 paired rounds; 382 major faults per request "
-            "against 10, allocation stalls 884 against 87; docs/bench/2026-12-02-9b-heavy-part2.json), and earlier "
-            "ran mild pressure at 6.0 tok/s against 15.1 with it off (llama-cpp-python --no-mmap, 3B, 2026-11-27)"
-        )
-    return True, (
-        "compressed cache in front of disk swap for the rest of the system, the model kept resident by MemoryLow= "
-        f"in its unit; more than {ZSWAP_MIN_CPUS} CPUs leave room for compression (not measured: on 2 CPUs it "
-        "cost the model 0.30× of limit against 0.88× without it under mild pressure, docs/BENCHMARKS.md)"
+    return False, (
+        "auto leaves zswap off: it earned the model nothing where measured ([zswap] enabled = true turns it on). "
+        "Seed's case, 2 CPUs: 0.90× [0.81–0.995] of the plan without it (docs/bench/2026-12-02-9b-heavy-part2.json); "
+        "model on 1 of 2 CPUs: 0.96× [0.91–1.02], desktop 0.986× [0.978–0.995], frame p99 9 → 25 ms "
+        "(docs/bench/2026-12-03-9b-part5-zswap-one-cpu.json); more CPUs unmeasured"
     )
 
 

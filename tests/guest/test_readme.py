@@ -122,7 +122,7 @@ def test_the_default_policy_plans_sensibly_for_a_4g_nvme_box_with_systemd(
     plan = json.loads(g.ssh("autoglm-tune plan --json", user="alice").stdout)
     knobs = {c["knob"]: c for c in plan["changes"]}
     assert not plan["conflicts"], plan["conflicts"]
-    # 2 CPUs: zswap auto stays off (measured, docs/BENCHMARKS.md), so no swap file to back it
+    # zswap auto stays off (measured, docs/BENCHMARKS.md), so no swap file to back it
     assert "zswap.enabled" not in knobs and "swap.file" not in knobs, knobs
     assert plan["process"]["cpus"] == [0, 1] and plan["process"]["threads"] == 2
     units = [c["unit"] for c in plan["changes"] if c["knob"] == "unit"]
