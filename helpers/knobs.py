@@ -1,8 +1,13 @@
-"""One small unit per kind of knob: read the live value, check a change, write it, undo it.
+"""One small class per kind of knob, each with read / check / write / restore: a sysctl, a zswap parameter, a
+swap area's priority, a swap file (units are units.Systemd). `kinds(root)` gives the engine one of each.
 
 A step is a JSON-able dict (it lives in the undo journal): knob, subject, persistence, old, target,
 new (the value read back), state, plus area / path / priority / dirs for swap steps. Every undo is
 idempotent: restoring a value that is already the old one does nothing.
+
+`root` is where /proc and /sys are read and written ("/" in the helper; a temporary tree in tests, so that the
+engine's journal, read-back and recovery run on files as well as on the real kernel). Swap areas and swap files
+are the host's whatever the root: swapon(2) and swapoff(2) take no root.
 """
 
 from __future__ import annotations
@@ -25,30 +30,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 Step = dict[str, Any]
 
-# How an area is swapped on where the helper runs in a mount namespace of its own (its unit's ProtectSystem=,
-# PrivateMounts=): a swapon from in there ties the area to the namespace's copy of the mount, and once the helper
-# exits and the namespace is gone /proc/swaps names it by a path relative to that detached mount
-# ("/autoglm-tune.swap", "/sda1"), which no reader can find again (found by tests/guest/test_fleet_ssh.py). The
-# service sets this to units.Systemd.swapon when PID 1 is systemd: swapon(8) run by systemd, in PID 1's mount
-# namespace. None: the syscall here (no systemd on the bus, as in the host tests).
-host_swapon: Callable[[str, int], None] | None = None
-
-
-def swap_areas() -> dict[str, tuple[int, int, int]]:
+def swap_areas(root: str = "/") -> dict[str, tuple[int, int, int]]:
     """Active swap areas: path → (size KiB, used KiB, priority)."""
-    with open("/proc/swaps") as f:
+    with open(os.path.join(root, "proc/swaps")) as f:
         return {a.path: (a.size_kib, a.used_kib, a.priority) for a in procfs.parse_swaps(f.read())}
 
 
-def _meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
+def _meminfo(key: str, root: str) -> int:
+    with open(os.path.join(root, "proc/meminfo")) as f:
         return procfs.parse_meminfo(f.read())[key]
 
 
-def compressors() -> list[str]:
+def compressors(root: str = "/") -> list[str]:
     """Compression algorithms zswap can use: /proc/crypto entries of a compression type."""
     names, name = set(), ""
-    with open("/proc/crypto") as f:
+    with open(os.path.join(root, "proc/crypto")) as f:
         for line in f:
             key, _, value = (part.strip() for part in line.partition(":"))
             if key == "name":
@@ -71,21 +67,6 @@ def filesystem_of(path: str) -> str:
             if inside and len(mount) >= len(best):
                 best, fstype = mount, fields[fields.index("-") + 1]
     return fstype
-
-
-def _swapon(fd: int, priority: int, shown: str) -> None:
-    """swapon the file or device open as `fd`, through /proc/self/fd: the name is not looked up again. Under
-    systemd, swapon(8) by its path `shown` in PID 1's mount namespace instead (host_swapon above); the path's
-    directories were checked root-owned and not writable by others, so it names the file that `fd` is."""
-    if host_swapon is not None:
-        host_swapon(shown, priority)
-        if shown not in swap_areas():
-            raise OSError(errno.EIO, f"swapon {shown}: swapon(8) did not turn it on (its unit's log is in the journal)")
-        return
-    flags = SWAP_FLAG_PREFER | priority if priority >= 0 else 0
-    if _libc.swapon(f"/proc/self/fd/{fd}".encode(), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"swapon {shown}: {os.strerror(err)}")
 
 
 def _swapoff(fd: int, shown: str) -> None:
@@ -138,78 +119,6 @@ def open_dir(directory: str, field: str, make: Collection[str] = ()) -> tuple[in
         raise
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _scalar_path(step: Step) -> str:
-    return "/" + catalogue.SCALAR_KNOBS[step["knob"]].path
-
-
-def read(step: Step) -> Value | None:
-    """The live value of what the step acts on (None: swap area not active / swap file absent)."""
-    knob = step["knob"]
-    if knob in catalogue.SCALAR_KNOBS:
-        with open(_scalar_path(step)) as f:
-            return catalogue.SCALAR_KNOBS[knob].parse(f.read())
-    if knob == "swap.priority":
-        area = swap_areas().get(step["area"])
-        return None if area is None else area[2]
-    try:
-        return os.lstat(step["path"]).st_size // (1024 * 1024)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def check(step: Step, where: str) -> None:
-    """Live preconditions beyond the catalogue; raises CatalogueError naming the field."""
-    knob = step["knob"]
-    if knob in catalogue.SCALAR_KNOBS and not os.path.exists(_scalar_path(step)):
-        raise CatalogueError(f"{where}.knob", f"{knob} does not exist on this kernel", "the knobs this kernel has")
-    if knob == "zswap.compressor" and step["target"] not in compressors():
-        raise CatalogueError(f"{where}.target", f"{step['target']!r} is not available", ", ".join(compressors()))
-    if knob == "swap.priority":
-        areas = swap_areas()
-        if step["area"] not in areas:
-            raise CatalogueError(f"{where}.area", f"{step['area']!r} is not an active swap area", ", ".join(areas))
-        used, available = areas[step["area"]][1], _meminfo("MemAvailable")
-        if not swapoff_fits(used, available):
-            raise CatalogueError(
-                f"{where}.area",
-                f"{used} KiB in use would not fit back into memory ({available} KiB available)",
-                "an area whose used pages × 1.2 + 64 MiB fit into MemAvailable",
-            )
-    if knob == "swap.file":
-        dfd, missing = open_dir(os.path.dirname(step["path"]), f"{where}.path")
-        try:
-            _check_swap_file(step, dfd, missing, where)
-        finally:
-            os.close(dfd)
-
-
-def _check_swap_file(step: Step, dfd: int, missing: list[str], where: str) -> None:
-    """check() of a swap file whose directory (or its deepest existing ancestor) open_dir opened as `dfd`."""
-    existing = read(step)
-    if existing == step["target"]:
-        # in place already (the step is left out), or made by an earlier apply and inactive since a reboot:
-        # then the step is its swapon, and its undo a swapoff (the file is the earlier transaction's)
-        if step["path"] not in swap_areas():
-            os.close(_open_own_swap_file(dfd, step, f"{where}.path"))
-            step["activate"] = True
-        return
-    if existing is not None:  # never adopted, resized or deleted by a failed apply
-        raise CatalogueError(f"{where}.path", f"exists already ({existing} MiB)", "a path where no file exists")
-    fstype = filesystem_of(step["path"])
-    if fstype not in SWAP_FILE_FILESYSTEMS:
-        allowed = "a directory on " + ", ".join(SWAP_FILE_FILESYSTEMS)
-        raise CatalogueError(f"{where}.path", f"lies on {fstype}", allowed)
-    st = os.statvfs(dfd)
-    if st.f_bavail * st.f_frsize < (step["target"] + 256) * 1024 * 1024:
-        raise CatalogueError(f"{where}.target", f"{step['target']} MiB do not fit", "less than the free space")
-    step["dirs"] = missing  # directories this step will create, deepest last
-
-
 def _open_own_swap_file(dfd: int, step: Step, field: str) -> int:
     """The inactive file at our path, opened (the caller closes it) if it is what write() makes: a regular file
     of root's, mode 0600, of the planned size, with a swap signature (swapon checks the header again)."""
@@ -234,95 +143,220 @@ def swap_header(size: int, page: int) -> bytes:
     return bytes(1024) + info + bytes(page - 1024 - len(info) - 10) + b"SWAPSPACE2"
 
 
-def write(step: Step) -> None:
-    knob = step["knob"]
-    if knob in catalogue.SCALAR_KNOBS:
-        _write_text(_scalar_path(step), catalogue.SCALAR_KNOBS[knob].render(step["target"]))
-    elif knob == "swap.priority":
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class Sysctl:
+    """A /proc/sys value, parsed and rendered by its catalogue entry."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = root
+
+    def _path(self, step: Step) -> str:
+        return os.path.join(self.root, catalogue.SCALAR_KNOBS[step["knob"]].path)
+
+    def check(self, step: Step, where: str) -> None:
+        if not os.path.exists(self._path(step)):
+            raise CatalogueError(f"{where}.knob", f"{step['knob']} does not exist on this kernel",
+                                 "the knobs this kernel has")
+
+    def read(self, step: Step) -> Value:
+        with open(self._path(step)) as f:
+            return catalogue.SCALAR_KNOBS[step["knob"]].parse(f.read())
+
+    def write(self, step: Step) -> None:
+        _write_text(self._path(step), catalogue.SCALAR_KNOBS[step["knob"]].render(step["target"]))
+
+    def restore(self, step: Step) -> None:
+        if self.read(step) != step["old"]:
+            _write_text(self._path(step), catalogue.SCALAR_KNOBS[step["knob"]].render(step["old"]))
+
+
+class ZswapParameter(Sysctl):
+    """A /sys/module/zswap/parameters value; a compressor must be one that /proc/crypto lists."""
+
+    def check(self, step: Step, where: str) -> None:
+        super().check(step, where)
+        if step["knob"] == "zswap.compressor" and step["target"] not in (available := compressors(self.root)):
+            raise CatalogueError(f"{where}.target", f"{step['target']!r} is not available", ", ".join(available))
+
+
+class _Swap:
+    """What both swap kinds share: /proc/swaps and /proc/meminfo under the root, and how an area is swapped on.
+
+    Where the helper runs in a mount namespace of its own (its unit's ProtectSystem=, PrivateMounts=), a swapon
+    from in there ties the area to the namespace's copy of the mount, and once the helper exits and the namespace
+    is gone /proc/swaps names it by a path relative to that detached mount ("/autoglm-tune.swap", "/sda1"), which
+    no reader can find again (found by tests/guest/test_fleet_ssh.py). So the engine sets `host_swapon` to
+    units.Systemd.swapon when PID 1 is systemd: swapon(8) run by systemd, in PID 1's mount namespace. None: the
+    syscall here (no systemd on the bus, as in the host tests)."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = root
+        self.host_swapon: Callable[[str, int], None] | None = None
+
+    def _swapon(self, fd: int, priority: int, shown: str) -> None:
+        """swapon the file or device open as `fd`, through /proc/self/fd: the name is not looked up again. Under
+        systemd, swapon(8) by its path `shown` instead; the path's directories were checked root-owned and not
+        writable by others, so it names the file that `fd` is."""
+        if self.host_swapon is not None:
+            self.host_swapon(shown, priority)
+            if shown not in swap_areas(self.root):
+                raise OSError(errno.EIO, f"swapon {shown}: swapon(8) did not turn it on (its unit's log is in the "
+                              "journal)")
+            return
+        flags = SWAP_FLAG_PREFER | priority if priority >= 0 else 0
+        if _libc.swapon(f"/proc/self/fd/{fd}".encode(), flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"swapon {shown}: {os.strerror(err)}")
+
+
+class SwapArea(_Swap):
+    """An active swap area's priority: changed by swapoff and swapon of the same open file."""
+
+    def check(self, step: Step, where: str) -> None:
+        areas = swap_areas(self.root)
+        if step["area"] not in areas:
+            raise CatalogueError(f"{where}.area", f"{step['area']!r} is not an active swap area", ", ".join(areas))
+        used, available = areas[step["area"]][1], _meminfo("MemAvailable", self.root)
+        if not swapoff_fits(used, available):
+            raise CatalogueError(
+                f"{where}.area",
+                f"{used} KiB in use would not fit back into memory ({available} KiB available)",
+                "an area whose used pages × 1.2 + 64 MiB fit into MemAvailable",
+            )
+
+    def read(self, step: Step) -> int | None:
+        """The priority, or None when the area is not active."""
+        area = swap_areas(self.root).get(step["area"])
+        return None if area is None else area[2]
+
+    def write(self, step: Step) -> None:
         fd = os.open(step["area"], _AREA_FLAGS)  # swapoff and swapon act on the same file, looked up once
         try:
             _swapoff(fd, step["area"])
             try:
-                _swapon(fd, step["target"], step["area"])
+                self._swapon(fd, step["target"], step["area"])
             except OSError:
-                _swapon(fd, step["old"], step["area"])
+                self._swapon(fd, step["old"], step["area"])
                 raise
         finally:
             os.close(fd)
-    else:
-        _write_swap_file(step)
 
-
-def _write_swap_file(step: Step) -> None:
-    """Make the directories and the file through fds from open_dir (no name is looked up twice), swapon it."""
-    path, subject = step["path"], step["subject"]
-    dfd, missing = open_dir(os.path.dirname(path), subject, () if step.get("activate") else step["dirs"])
-    try:
-        if missing:
-            raise OSError(f"{missing[0]}: gone since the check")
-        if step.get("activate"):
-            fd = _open_own_swap_file(dfd, step, subject)
-        else:
-            size, page = step["target"] * 1024 * 1024, os.sysconf("SC_PAGE_SIZE")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(os.path.basename(path), flags, 0o600, dir_fd=dfd)
-        try:
-            if not step.get("activate"):
-                os.posix_fallocate(fd, 0, size)
-                os.pwrite(fd, swap_header(size, page), 0)
-                os.fsync(fd)
-                if os.fstat(fd).st_blocks * 512 < size:
-                    raise OSError(f"{path}: the file has holes; the filesystem cannot hold swap files")
-            _swapon(fd, step["priority"], path)
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dfd)
-
-
-def restore(step: Step) -> None:
-    """Put the old state back; does nothing where it is already back."""
-    knob, live = step["knob"], read(step)
-    if knob in catalogue.SCALAR_KNOBS:
-        if live != step["old"]:
-            _write_text(_scalar_path(step), catalogue.SCALAR_KNOBS[knob].render(step["old"]))
-    elif knob == "swap.priority":
+    def restore(self, step: Step) -> None:
+        live = self.read(step)
         if isinstance(live, int) and (live == step["old"] or (live < 0 and step["old"] < 0)):
             return
         fd = os.open(step["area"], _AREA_FLAGS)
         try:
             if live is not None:
                 _swapoff(fd, step["area"])
-            _swapon(fd, step["old"], step["area"])
+            self._swapon(fd, step["old"], step["area"])
         finally:
             os.close(fd)
-    else:
-        _remove_swap_file(step, live is not None)
 
 
-def _remove_swap_file(step: Step, exists: bool) -> None:
-    """swapoff the file and (unless the step only swapped it on) unlink it and the directories the step made,
-    each through an fd of its directory from open_dir."""
-    path, subject = step["path"], step["subject"]
-    dfd, missing = open_dir(os.path.dirname(path), subject)
-    try:
-        if not missing and path in swap_areas():
-            fd = os.open(os.path.basename(path), _AREA_FLAGS, dir_fd=dfd)
-            try:
-                _swapoff(fd, path)
-            finally:
-                os.close(fd)
-        if not missing and exists and not step.get("activate"):
-            os.unlink(os.path.basename(path), dir_fd=dfd)
-    finally:
-        os.close(dfd)
-    for directory in reversed(step.get("dirs", [])):
-        dfd, missing = open_dir(os.path.dirname(directory), subject)
+class SwapFile(_Swap):
+    """A swap file the helper makes (or swaps on again after a reboot), and removes on undo: every name is
+    looked up through fds of directories opened by open_dir, none twice."""
+
+    def read(self, step: Step) -> int | None:
+        """Its size in MiB, or None when there is no file."""
         try:
-            if not missing:
-                os.rmdir(os.path.basename(directory), dir_fd=dfd)
-        except OSError as exc:  # gone already, or not empty: not ours to remove
-            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
+            return os.lstat(step["path"]).st_size // (1024 * 1024)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def check(self, step: Step, where: str) -> None:
+        dfd, missing = open_dir(os.path.dirname(step["path"]), f"{where}.path")
+        try:
+            self._check_in(step, dfd, missing, where)
         finally:
             os.close(dfd)
+
+    def _check_in(self, step: Step, dfd: int, missing: list[str], where: str) -> None:
+        """check() of a swap file whose directory (or its deepest existing ancestor) open_dir opened as `dfd`."""
+        existing = self.read(step)
+        if existing == step["target"]:
+            # in place already (the step is left out), or made by an earlier apply and inactive since a reboot:
+            # then the step is its swapon, and its undo a swapoff (the file is the earlier transaction's)
+            if step["path"] not in swap_areas(self.root):
+                os.close(_open_own_swap_file(dfd, step, f"{where}.path"))
+                step["activate"] = True
+            return
+        if existing is not None:  # never adopted, resized or deleted by a failed apply
+            raise CatalogueError(f"{where}.path", f"exists already ({existing} MiB)", "a path where no file exists")
+        fstype = filesystem_of(step["path"])
+        if fstype not in SWAP_FILE_FILESYSTEMS:
+            allowed = "a directory on " + ", ".join(SWAP_FILE_FILESYSTEMS)
+            raise CatalogueError(f"{where}.path", f"lies on {fstype}", allowed)
+        st = os.statvfs(dfd)
+        if st.f_bavail * st.f_frsize < (step["target"] + 256) * 1024 * 1024:
+            raise CatalogueError(f"{where}.target", f"{step['target']} MiB do not fit", "less than the free space")
+        step["dirs"] = missing  # directories this step will create, deepest last
+
+    def write(self, step: Step) -> None:
+        """Make the directories and the file through fds from open_dir (no name is looked up twice), swapon it."""
+        path, subject = step["path"], step["subject"]
+        dfd, missing = open_dir(os.path.dirname(path), subject, () if step.get("activate") else step["dirs"])
+        try:
+            if missing:
+                raise OSError(f"{missing[0]}: gone since the check")
+            if step.get("activate"):
+                fd = _open_own_swap_file(dfd, step, subject)
+            else:
+                size, page = step["target"] * 1024 * 1024, os.sysconf("SC_PAGE_SIZE")
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(os.path.basename(path), flags, 0o600, dir_fd=dfd)
+            try:
+                if not step.get("activate"):
+                    os.posix_fallocate(fd, 0, size)
+                    os.pwrite(fd, swap_header(size, page), 0)
+                    os.fsync(fd)
+                    if os.fstat(fd).st_blocks * 512 < size:
+                        raise OSError(f"{path}: the file has holes; the filesystem cannot hold swap files")
+                self._swapon(fd, step["priority"], path)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dfd)
+
+    def restore(self, step: Step) -> None:
+        """swapoff the file and (unless the step only swapped it on) unlink it and the directories the step made,
+        each through an fd of its directory from open_dir; does nothing where they are gone already."""
+        path, subject, exists = step["path"], step["subject"], self.read(step) is not None
+        dfd, missing = open_dir(os.path.dirname(path), subject)
+        try:
+            if not missing and path in swap_areas(self.root):
+                fd = os.open(os.path.basename(path), _AREA_FLAGS, dir_fd=dfd)
+                try:
+                    _swapoff(fd, path)
+                finally:
+                    os.close(fd)
+            if not missing and exists and not step.get("activate"):
+                os.unlink(os.path.basename(path), dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        for directory in reversed(step.get("dirs", [])):
+            dfd, missing = open_dir(os.path.dirname(directory), subject)
+            try:
+                if not missing:
+                    os.rmdir(os.path.basename(directory), dir_fd=dfd)
+            except OSError as exc:  # gone already, or not empty: not ours to remove
+                if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+            finally:
+                os.close(dfd)
+
+
+Kind = Sysctl | SwapArea | SwapFile
+
+
+def kinds(root: str = "/") -> dict[str, Kind]:
+    """What acts on each knob of the catalogue but `unit` (systemd changes units: units.Systemd)."""
+    sysctl, zswap = Sysctl(root), ZswapParameter(root)
+    scalars: dict[str, Kind] = {name: zswap if spec.path.startswith("sys/module/zswap/") else sysctl
+                                for name, spec in catalogue.SCALAR_KNOBS.items()}
+    return {**scalars, "swap.priority": SwapArea(root), "swap.file": SwapFile(root)}

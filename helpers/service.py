@@ -24,7 +24,7 @@ from dbus_fast import introspection as intr
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, dbus_signal
 
-from . import knobs, model
+from . import model
 from .contract.bus import (
     BUS_NAME,
     CHANGED_RESULTS,
@@ -293,8 +293,7 @@ class Helper:
         owned = await self._dbus("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                                  "NameHasOwner", "s", [SYSTEMD])
         if owned.message_type == MessageType.METHOD_RETURN and owned.body[0]:
-            self.engine.systemd = Systemd(self.bus, asyncio.get_running_loop())
-            knobs.host_swapon = self.engine.systemd.swapon
+            self.engine.use_systemd(Systemd(self.bus, asyncio.get_running_loop()))
         await self.recover()
         self.bus.add_message_handler(self.on_message)
         self.bus.export(OBJECT_PATH, self.interface)

@@ -34,7 +34,7 @@ log = logging.getLogger("autoglm-tune-helper")
 
 
 class KnobKind(Protocol):
-    """What acts on a step: the kernel knobs (the knobs module) or systemd (units.Systemd)."""
+    """What acts on a step: a kind of kernel knob (knobs.kinds) or systemd (units.Systemd)."""
 
     def check(self, step: knobs.Step, where: str) -> None: ...
     def read(self, step: knobs.Step) -> Any: ...
@@ -101,8 +101,8 @@ def check_tx(tx: object, name: str) -> Tx:
     return tx
 
 
-def boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
+def boot_id(root: str = "/") -> str:
+    with open(os.path.join(root, "proc/sys/kernel/random/boot_id")) as f:
         return f.read().strip()
 
 
@@ -123,17 +123,28 @@ def undo_order(steps: list[knobs.Step]) -> list[knobs.Step]:
 
 
 class Engine:
-    def __init__(self, state_dir: str) -> None:
+    """The journal and the transactions over it; `root` is where the knobs' /proc and /sys files and the boot id
+    are ("/" in the helper, a temporary tree in tests: see knobs)."""
+
+    def __init__(self, state_dir: str, root: str = "/") -> None:
         self.dir = os.path.join(state_dir, "tx")
         self.quarantine_dir = os.path.join(state_dir, QUARANTINE)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self.boot = boot_id()
-        self.systemd: units.Systemd | None = None  # set by the service when PID 1 is systemd on its bus
+        self.boot = boot_id(root)
+        self.kinds = knobs.kinds(root)
+        self.systemd: units.Systemd | None = None  # set by use_systemd when PID 1 is systemd on the bus
+
+    def use_systemd(self, systemd: units.Systemd) -> None:
+        """Units are changed through systemd, and swap areas swapped on by it (knobs._Swap says why)."""
+        self.systemd = systemd
+        for kind in self.kinds.values():
+            if isinstance(kind, knobs.SwapArea | knobs.SwapFile):
+                kind.host_swapon = systemd.swapon
 
     def _kind(self, step: knobs.Step) -> KnobKind:
-        """What reads, checks, writes and restores this step: the kernel knobs or systemd."""
+        """What reads, checks, writes and restores this step: its kind of kernel knob, or systemd."""
         if step["knob"] != "unit":
-            return knobs
+            return self.kinds[step["knob"]]
         if self.systemd is None:
             raise HelperError("NotSupported", f"{step['subject']}: systemd is not running on this bus, so units "
                               "cannot be changed; allowed: kernel and swap knobs only")

@@ -183,7 +183,7 @@ class Systemd:
 
     def swapon(self, path: str, priority: int) -> None:
         """swapon(8) on `path` in a transient oneshot unit: systemd runs it in PID 1's mount namespace, so the area
-        keeps its name in /proc/swaps after the helper's own namespace is gone (knobs.host_swapon). Only
+        keeps its name in /proc/swaps after the helper's own namespace is gone (knobs._Swap). Only
         CAP_SYS_ADMIN, no new privileges; the caller reads /proc/swaps back."""
         argv = [SWAPON, *(["--priority", str(priority)] if priority >= 0 else []), "--", path]
         unit = f"autoglm-tune-swapon-{os.getpid()}-{time.monotonic_ns()}.service"
@@ -208,7 +208,7 @@ class Systemd:
                 raise OSError(f"systemd {what}: the job did not finish in {JOB_TIMEOUT:.0f} s")
             time.sleep(0.02)
 
-    # ---- the knob interface the engine uses (like knobs.py) -----------------------------
+    # ---- the knob interface the engine uses (like the kinds in knobs.py) ----------------
 
     def check(self, step: Step, where: str) -> None:
         """Refuse never-touch units by what systemd resolves them to (the plan schema refused the name as sent),

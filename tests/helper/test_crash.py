@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from autoglm_helper import knobs, transaction
+from autoglm_helper import transaction
 from autoglm_helper.contract import catalogue
 from helper_parts import (
     SWAP_DIR_ROOT,
@@ -177,21 +177,6 @@ def test_a_step_that_failed_at_intent_rolls_back_without_an_internal_error(bus: 
         assert report["result"] == "rolled-back" and report["changes"][0]["state"] == "undone"
     finally:
         h.stop()
-
-
-def test_an_unparsable_live_value_marks_the_step_failed_and_recovery_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = transaction.Engine(str(tmp_path))
-    engine.save(crafted_tx("pending", swappiness_step("done", new=1)))
-
-    def unparsable(step: dict) -> object:
-        raise catalogue.CatalogueError(step["knob"], "the kernel reports 'garbage'", "an integer 0–200")
-
-    monkeypatch.setattr(knobs, "read", unparsable)
-    (tx,) = engine.recover()
-    assert tx["state"] == "conflict" and tx["steps"][0]["state"] == "failed"
-    assert "garbage" in tx["steps"][0]["error"]
-    assert engine.status()["transactions"][0]["state"] == "conflict"
 
 
 def test_a_short_write_is_continued_until_the_whole_journal_is_written(
