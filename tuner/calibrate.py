@@ -3,8 +3,8 @@ with llama-bench from the launch preset's build, over the candidate CPU sets of 
 as a policy drop-in.
 
 The imperative shell: checks (model, memory fit, budget, output directory) before anything runs, the memcpy
-probe, the interleaved decode bursts (each llama-bench pinned to its candidate's CPUs, in a session of its own so
-that Ctrl-C or SIGTERM leaves nothing running), progress on stderr, and the atomic write of the drop-in.
+probe, the interleaved decode bursts (each llama-bench pinned to its candidate's CPUs, in a process group of its
+own so that Ctrl-C or SIGTERM leaves nothing running), progress on stderr, and the atomic write of the drop-in.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:
-    """Kill the child's whole session (it has its own) and reap the child."""
+    """Kill the child's whole process group (it has its own) and reap the child."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -104,8 +104,12 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 @contextlib.contextmanager
 def _started(argv: list[str], cpus: set[int], nice: int | None, **popen: Any) -> Iterator[subprocess.Popen[str]]:
-    """`argv` in a session of its own, on `cpus`, at `nice` (None: calibrate's own); killed, whole session, when
-    the block is left by an exception (Ctrl-C, SIGTERM, a timeout)."""
+    """`argv` in a process group of its own, on `cpus`, at `nice` (None: calibrate's own); killed, whole group,
+    when the block is left by an exception (Ctrl-C, SIGTERM, a timeout).
+
+    A group, not a session: with kernel.sched_autogroup_enabled (Debian's and Ubuntu's default) each session is a
+    scheduling group of its own, and nice weighs only inside one, so a burst in a session of its own beside the
+    load in another ran the same at nice -10 as at 0 (docs/BENCHMARKS.md, threads beside a busy process)."""
 
     def child() -> None:
         os.sched_setaffinity(0, cpus)
@@ -116,7 +120,7 @@ def _started(argv: list[str], cpus: set[int], nice: int | None, **popen: Any) ->
     # A stop signal while the child is being started would leave it running unseen: held until `proc` is known.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        proc = subprocess.Popen(argv, text=True, start_new_session=True, preexec_fn=child, **popen)
+        proc = subprocess.Popen(argv, text=True, process_group=0, preexec_fn=child, **popen)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         raise

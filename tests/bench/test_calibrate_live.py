@@ -49,7 +49,7 @@ def place(tiny_model: Path) -> Iterator[Path]:
                 group = os.getpgid(pid)
                 if group == os.getpgrp():  # the CLI, in the tests' own group
                     os.kill(pid, signal.SIGKILL)
-                else:  # a burst: its whole session
+                else:  # a burst: its whole process group
                     os.killpg(group, signal.SIGKILL)
         shutil.rmtree(base)
 
@@ -168,7 +168,13 @@ def test_ctrl_c_in_the_nice_comparison_stops_the_background_load(place: Path, ll
             assert time.monotonic() < deadline, "calibrate never reached the nice comparison"
             time.sleep(0.05)
         time.sleep(1)  # the first burst of the comparison, at the plan's nice, is waiting
-        assert processes_mentioning(str(slow)) and processes_mentioning(LOAD_MARK)
+        bursts, loads = processes_mentioning(str(slow)), processes_mentioning(LOAD_MARK)
+        assert bursts and loads
+        # Nice weighs only inside one autogroup (one session, kernel.sched_autogroup_enabled): the burst and the load
+        # it is compared under share calibrate's session, each in a process group of its own to be killed whole.
+        for pid in bursts + loads:
+            assert os.getsid(pid) == os.getsid(proc.pid), pid
+        assert len({os.getpgid(pid) for pid in (proc.pid, bursts[0], loads[0])}) == 3
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
