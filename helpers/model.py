@@ -39,6 +39,7 @@ from .contract.catalogue import (
     SCHED_NUMBERS,
     SCHED_POLICIES,
     clip,
+    cpu_weight,
 )
 from .units import RUNNING, Systemd
 
@@ -466,6 +467,8 @@ def unit_properties(req: dict[str, Any], uid: int, log_fd_index: int | None, ses
     for key, (prop, sig, convert) in simple.items():
         if key in req and (key not in ("memory_low", "memory_high") or req[key] > 0):
             props.append([prop, Variant(sig, convert(req[key]))])
+    if "nice" in req:  # nice does not weigh against sibling cgroups (the user's sessions): the weight does
+        props.append(["CPUWeight", Variant("t", cpu_weight(int(req["nice"])))])
     if req.get("memlock"):
         props += [["LimitMEMLOCK", Variant("t", req["memlock"])], ["LimitMEMLOCKSoft", Variant("t", req["memlock"])]]
     if log_fd_index is not None:

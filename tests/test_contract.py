@@ -92,3 +92,12 @@ def test_meminfo_is_in_kib_and_leaves_out_lines_without_a_number() -> None:
 def test_the_live_proc_files_parse() -> None:
     assert procfs.parse_meminfo(Path("/proc/meminfo").read_text())["MemTotal"] > 0
     assert all(r.size_kib > 0 for r in procfs.parse_swaps(Path("/proc/swaps").read_text()))
+
+
+def test_cpu_weight_is_the_nice_values_cfs_share_on_systemds_scale() -> None:
+    from autoglm_helper.contract.catalogue import NICE_RANGE, cpu_weight
+
+    assert (cpu_weight(0), cpu_weight(-10), cpu_weight(-5), cpu_weight(10), cpu_weight(19)) == (100, 932, 305, 11, 1)
+    weights = [cpu_weight(n) for n in range(NICE_RANGE[0], NICE_RANGE[1] + 1)]
+    assert weights == sorted(weights, reverse=True) and len(set(weights)) > 35  # one nice step, about 1.25×
+    assert all(1 <= w <= 10000 for w in weights)

@@ -26,6 +26,7 @@ def test_unit_request_and_properties() -> None:
     assert props["ExecStart"].value == [["/usr/bin/llama-server", GOOD["argv"], False]]
     assert props["CPUAffinity"].value == bytes([0b1100])
     assert props["CPUSchedulingPolicy"].value == 3 and props["Nice"].value == -5
+    assert props["CPUWeight"].value == 305  # nice -5's CFS weight, 3121 of nice 0's 1024, on systemd's 100
     assert props["IOSchedulingClass"].value == 2 and props["IOSchedulingPriority"].value == 4
     assert props["OOMScoreAdjust"].value == -500 and props["MemoryLow"].value == GIB
     assert "MemoryHigh" not in props  # 0: none
@@ -40,7 +41,7 @@ def test_unit_request_and_properties() -> None:
         "TimeoutStopUSec": "t", "CPUSchedulingPolicy": "i", "Nice": "i", "IOSchedulingClass": "i",
         "IOSchedulingPriority": "i", "OOMScoreAdjust": "i", "MemoryLow": "t", "LimitMEMLOCK": "t",
         "LimitMEMLOCKSoft": "t", "StandardOutputFileDescriptor": "h", "StandardErrorFileDescriptor": "h",
-        "Slice": "s", "TasksMax": "t", "BindsTo": "as", "After": "as",
+        "Slice": "s", "TasksMax": "t", "BindsTo": "as", "After": "as", "CPUWeight": "t",
     }  # systemd's types for each property (org.freedesktop.systemd1(5))
     unbound = {n for n, _ in model.unit_properties(req, 1000, 0)}  # a caller outside any session
     assert "Slice" in unbound and "TasksMax" in unbound and not unbound & {"BindsTo", "After"}

@@ -34,6 +34,7 @@ from autoglm_helper.contract.catalogue import (
     MODEL_MEMORY_SHARE_MAX,
     MODEL_NICE_RANGE,
     MODEL_OOM_SCORE_ADJ_RANGE,
+    cpu_weight,
 )
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
@@ -523,6 +524,7 @@ def render_unit(spec: LaunchSpec, template: str, user: str | None = None) -> str
         "cpu_affinity": cpu_ranges(s.cpus),
         "sched_policy": s.sched_policy,
         "nice": s.nice,
+        "cpu_weight": cpu_weight(s.nice),
         "io_class": s.io_class,
         "io_priority": s.io_priority,
         "oom_score_adj": s.oom_score_adj,

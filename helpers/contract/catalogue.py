@@ -298,5 +298,18 @@ MODEL_NICE_RANGE = (-10, 19)
 MODEL_OOM_SCORE_ADJ_RANGE = (-900, 1000)
 MODEL_MEMORY_SHARE_MAX = 0.75  # MemoryLow= and LimitMEMLOCK=: a quarter of RAM stays reclaimable for the rest
 MODEL_UNIT_PREFIX = "autoglm-model-"  # transient model units: autoglm-model-<uid>-<port>.service
+# CFS's weight of each nice value, -20 to 19 (kernel/sched/core.c, sched_prio_to_weight; nice 0 is 1024).
+NICE_WEIGHTS = (88761, 71755, 56483, 46273, 36291, 29154, 23254, 18705, 14949, 11916,
+                9548, 7620, 6100, 4904, 3906, 3121, 2501, 1991, 1586, 1277,
+                1024, 820, 655, 526, 423, 335, 272, 215, 172, 137,
+                110, 87, 70, 56, 45, 36, 29, 23, 18, 15)
+
+
+def cpu_weight(nice: int) -> int:
+    """The model unit's CPUWeight= for its nice: the share nice gives it against nice-0 tasks, on systemd's scale
+    (100 is every unit's default, 1-10000). Nice weighs only inside one cgroup, and with sched_autogroup_enabled
+    only inside one session, so against the user's sessions and services, cgroups of their own, the unit's nice
+    alone counts for nothing; the weight carries it across."""
+    return max(1, min(10000, round(100 * NICE_WEIGHTS[nice - NICE_RANGE[0]] / NICE_WEIGHTS[-NICE_RANGE[0]])))
 
 KNOB_NAMES: tuple[str, ...] = (*SCALAR_KNOBS, SWAP_PRIORITY.name, SWAP_FILE_SIZE.name, "unit")

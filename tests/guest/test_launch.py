@@ -1,7 +1,8 @@
 """The model through `launch` on the guest: with supervisor "auto" the helper starts llama.cpp's own
 llama-server (built for the guest by build-llama-server.sh) as a transient unit run as the user, with
-MemoryLow= on its cgroup v2 directory, CPUAffinity= and Nice= read back from /proc; a real completion; then
-the rendered `launch --unit` installed, enabled and started by systemd at boot after autoglm-tune.service."""
+MemoryLow= and CPUWeight= on its cgroup v2 directory, CPUAffinity= and Nice= read back from /proc; a real
+completion; then the rendered `launch --unit` installed, enabled and started by systemd at boot after
+autoglm-tune.service."""
 
 from __future__ import annotations
 
@@ -81,6 +82,14 @@ def test_launch_auto_runs_the_model_as_a_transient_unit_with_its_settings_read_b
     assert cpus == (f"{planned[0]}-{planned[-1]}" if len(planned) > 1 else str(planned[0])), (cpus, planned)
     nice = g.ssh(f"ps -o ni= -p {pid}").stdout.strip()
     assert int(nice) == dry["process"]["nice"] == int(props["Nice"]), (nice, dry["process"])
+    # Nice weighs only inside the unit's own cgroup; against alice's session scope and user@1000.service, sibling
+    # cgroups in user-1000.slice, the unit's CPUWeight= carries nice -10 (CFS's 9548 against 1024, on systemd's 100).
+    weight = g.ssh(f"cat /sys/fs/cgroup{props['ControlGroup']}/cpu.weight").stdout.strip()
+    assert dry["process"]["nice"] == -10 and weight == "932", (weight, dry["process"])
+    figure("guest scheduler: kernel.sched_autogroup_enabled "
+           + g.ssh("cat /proc/sys/kernel/sched_autogroup_enabled").stdout.strip()
+           + "; controllers under user-1000.slice: "
+           + g.ssh("cat /sys/fs/cgroup/user.slice/user-1000.slice/cgroup.subtree_control").stdout.strip())
     completion(g)
 
     g.ssh(f"kill -TERM {launcher}", user="alice")
@@ -105,10 +114,11 @@ def test_the_rendered_model_unit_starts_at_boot_after_autoglm_tune(
                   check=False, timeout=700)
     assert ready.returncode == 0, g.journal("autoglm-model.service")
     model = unit_properties(g, "autoglm-model.service", "ActiveState", "User", "After",
-                            "ExecMainStartTimestampMonotonic")
+                            "ExecMainStartTimestampMonotonic", "CPUWeight")
     tune = unit_properties(g, "autoglm-tune.service", "ActiveState", "ExecMainExitTimestampMonotonic")
     assert model["ActiveState"] == "active" and tune["ActiveState"] == "active", (model, tune)
     assert "autoglm-tune.service" in model["After"].split()
     assert int(tune["ExecMainExitTimestampMonotonic"]) <= int(model["ExecMainStartTimestampMonotonic"])
     assert model["User"] == "alice"  # rendered by alice: it runs as alice, not as root
+    assert model["CPUWeight"] == "932"  # the plan's nice -10, carried across cgroups as in the transient unit
     completion(g)

@@ -228,6 +228,7 @@ def test_unit_omits_io_class_none_and_memlock_without_mlock() -> None:
     text = launch.render_unit(spec, template)
     assert "IOSchedulingClass" not in text and "LimitMEMLOCK" not in text and "MemoryLow" not in text
     assert "CPUAffinity=0\n" in text and "CPUSchedulingPolicy=idle\n" in text and "Nice=10\n" in text
+    assert "\nCPUWeight=11\n" in text  # nice 10's CFS weight, 110 of 1024, on systemd's scale of 100
 
 
 def write_gguf(path: Path, kvs: list[tuple[str, int, bytes]], version: int = 3) -> None:

@@ -123,6 +123,7 @@ def test_model_runs_as_a_transient_unit_of_the_caller(container: Container, mode
         assert props["ActiveState"] == "active" and props["MainPID"] == str(pid)
         assert props["User"] == str(uid) and props["NoNewPrivileges"] == "yes"
         assert props["CPUAffinity"] == "0" and props["Nice"] == "-5"
+        assert props["CPUWeight"] == "305"  # nice -5 carried across cgroups
         assert props["CPUSchedulingPolicy"] == "3" and props["IOSchedulingClass"] == "3"
         assert props["OOMScoreAdjust"] == "-400" and props["MemoryHigh"] == str(768 << 20)
         # the user's limits hold for it, not system.slice's; the launcher is in no session here: nothing to bind to
