@@ -122,15 +122,30 @@ def swap_file_size_mib(total_kib: int | None, free_mib: int | None) -> tuple[int
     return size, basis
 
 
+THREADS_APART = "docs/bench/2026-12-07-threads-contention-9b.json"  # each burst in a session of its own
+THREADS_TOGETHER = "docs/bench/2026-12-07-threads-contention-9b-same-session.json"  # in the busy loop's session
+
+
 def reserve_cores(physical_cores: int, efficiency_cpus: int) -> tuple[int, str]:
+    """Reserving a core trades speed alone for safety beside a busy process where nice does not weigh
+    (bench/threads_contention.py, the 9B model on the 2-CPU VM, 5 interleaved rounds per file)."""
     if efficiency_cpus:
         return 0, "the efficiency cores are left to the system"
     if physical_cores >= 3:
         return 1, (
-            "one core left to the system: under contention threads = free cores, pinned, ran 1.7× "
-            "faster than threads = all cores (research §4.1, §9)"
+            "one core left to the system: where the model's nice does not weigh against a busy process (another "
+            "session on an autogroup kernel, another cgroup), threads on every CPU collapsed and the free CPU "
+            "alone ran 5.17× [4.49–5.95] their speed, nice -10 or not (0.197× [0.166–0.235] of it; "
+            f"{THREADS_APART}); where it weighs, every CPU at nice -10 ran 1.72× [1.62–1.83] the speed of the free one "
+            f"({THREADS_TOGETHER}). Measured on 2 CPUs: with 3 or more cores which wins is unmeasured, and the "
+            "reserved core is the hedge for the first case"
         )
-    return 0, "2 cores or fewer: reserving one halves uncontended speed (11.8 → 6.3 tok/s, research §4.1)"
+    return 0, (
+        "2 cores or fewer: none reserved: alone, one of 2 CPUs ran 0.579× [0.49–0.684] the speed of both "
+        f"({THREADS_APART}), and beside a busy loop in the model's session both at nice -10 ran 1.72× [1.62–1.83] the "
+        f"speed of one ({THREADS_TOGETHER}); beside a busy process the model's nice cannot reach (another "
+        "session or cgroup), one of 2 would run 5.17× [4.49–5.95] faster: set reserve_cores = 1 there"
+    )
 
 
 def model_nice() -> tuple[int, str]:
