@@ -84,8 +84,9 @@ def inside(container: Container, *argv: str) -> str:
 
 
 def show(container: Container, unit: str,
-         props: str = "User,CPUAffinity,Nice,CPUSchedulingPolicy,IOSchedulingClass,OOMScoreAdjust,MemoryHigh,"
-                      "LimitMEMLOCK,MainPID,ActiveState,NoNewPrivileges,Slice,TasksMax,BindsTo") -> dict[str, str]:
+         props: str = "User,CPUAffinity,Nice,CPUWeight,CPUSchedulingPolicy,IOSchedulingClass,OOMScoreAdjust,"
+                      "MemoryHigh,LimitMEMLOCK,MainPID,ActiveState,NoNewPrivileges,Slice,TasksMax,BindsTo"
+         ) -> dict[str, str]:
     text = inside(container, "systemctl", "show", unit, "-p", props)
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
