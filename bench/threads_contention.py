@@ -9,8 +9,8 @@ one (pinned to the rest), with and without one busy loop at nice 0 beside it, in
   nice already does what the reserved core would. Nice weighs only inside one autogroup (one session, with
   kernel.sched_autogroup_enabled): the bursts run in this script's session, as the busy loop does.
 
-Each burst is calibrate's own (`tuner/calibrate.py` burst: llama-bench, -p 0, pinned, at nice 0); the five
-conditions run in a rotated order per round. As root or not, on a quiet machine.
+Each burst is calibrate's own (`tuner/calibrate.py` burst: llama-bench, -p 0, pinned, at its condition's nice);
+the five conditions run in a rotated order per round. As root (the fifth lowers nice), on a quiet machine.
 
 Usage: /opt/autoglm-venv/bin/python bench/threads_contention.py --model GGUF [--rounds 6] [--tokens 32]
 Prints one JSON object: per-condition tok/s, the busy loop's loops/s, and paired ratios with 95 % t-intervals.
